@@ -1,0 +1,76 @@
+"""Forward noising q(x_t | x_0), x0/ε conversions and the classifier-free training loss.
+
+All functions are pure and jittable. `t` always indexes the full schedule (0..T-1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from cfg_jax.schedules import Schedule
+
+# eps_apply(params, x_t, t, y) -> ε̂, the network as a pure function of its parameters.
+EpsApply = Callable[[Any, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def _per_example(values: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+  """Reshapes a (B,) array to broadcast against x of shape (B, ...)."""
+  return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
+
+
+def q_sample(schedule: Schedule, x0, t, noise):
+  """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε."""
+  abar = _per_example(schedule.alphas_cumprod[t], x0)
+  return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+
+
+def predict_x0_from_eps(schedule: Schedule, x_t, t, eps):
+  """x0 = (x_t − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t)."""
+  abar = _per_example(schedule.alphas_cumprod[t], x_t)
+  return (x_t - jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(abar)
+
+
+def predict_eps_from_x0(schedule: Schedule, x_t, t, x0):
+  """ε = (x_t − sqrt(ᾱ_t)·x0) / sqrt(1 − ᾱ_t)."""
+  abar = _per_example(schedule.alphas_cumprod[t], x_t)
+  return (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
+
+
+def drop_labels(rng, labels, p_uncond, null_label):
+  """Replaces each label by `null_label` with probability `p_uncond` (conditioning dropout)."""
+  drop = jax.random.bernoulli(rng, p_uncond, labels.shape)
+  return jnp.where(drop, null_label, labels), drop
+
+
+def cfg_loss(
+    params,
+    eps_apply: EpsApply,
+    schedule: Schedule,
+    x0,
+    labels,
+    rng,
+    *,
+    p_uncond: float,
+    null_label: int,
+):
+  """Algorithm 1 of Ho & Salimans (2021): the ε-MSE with conditioning dropout.
+
+  Draws t ~ U{0..T-1}, ε ~ N(0, I) and the label drop from `rng`, so one network
+  learns both ε(x_t, t, y) and ε(x_t, t, ∅).
+
+  Returns:
+    (loss, aux): the mean squared ε error, and a dict with the per-example loss,
+    the timesteps and the dropped-label mask, for logging.
+  """
+  t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+  batch = x0.shape[0]
+  t = jax.random.randint(t_rng, (batch,), 0, schedule.num_timesteps)
+  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+  y, dropped = drop_labels(drop_rng, labels, p_uncond, null_label)
+  x_t = q_sample(schedule, x0, t, noise)
+  eps = eps_apply(params, x_t, t, y)
+  per_example = jnp.mean(jnp.square(eps - noise).reshape(batch, -1), axis=-1)
+  return jnp.mean(per_example), {"per_example_loss": per_example, "t": t, "dropped": dropped}

@@ -1,0 +1,55 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cfg_jax import diffusion, schedules
+
+
+def test_q_sample_formula_and_inverse():
+  s = schedules.cosine(1000)
+  rng = np.random.default_rng(0)
+  x0 = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+  noise = rng.standard_normal(x0.shape).astype(np.float32)
+  t = np.array([0, 10, 500, 999])
+  x_t = diffusion.q_sample(s, x0, t, noise)
+  abar = np.asarray(s.alphas_cumprod)[t][:, None, None, None]
+  np.testing.assert_allclose(x_t, np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise, rtol=1e-6)
+  # x0 is ill-conditioned at t = 999 (ᾱ ≈ 4e-5), so check the inverse below it.
+  np.testing.assert_allclose(diffusion.predict_x0_from_eps(s, x_t[:3], t[:3], noise[:3]),
+                             x0[:3], atol=2e-3)
+  np.testing.assert_allclose(diffusion.predict_eps_from_x0(s, x_t, t, x0), noise, atol=2e-4)
+
+
+def test_label_dropout_rate():
+  labels = jnp.zeros((100_000,), jnp.int32)
+  y, dropped = diffusion.drop_labels(jax.random.key(0), labels, 0.2, 10)
+  assert float(jnp.mean(dropped)) == pytest.approx(0.2, abs=0.005)
+  np.testing.assert_array_equal(np.asarray(y)[np.asarray(dropped)], 10)
+  np.testing.assert_array_equal(np.asarray(y)[~np.asarray(dropped)], 0)
+
+
+def test_loss_is_zero_for_the_exact_eps_and_sees_the_dropped_labels():
+  """Data is one point c, so ε = (x_t − sqrt(ᾱ_t)·c)/sqrt(1 − ᾱ_t) exactly."""
+  s = schedules.linear(1000)
+  c = jnp.full((64, 2, 2, 1), 0.5)
+  seen = {}
+
+  def exact_eps(params, x_t, t, y):
+    abar = s.alphas_cumprod[t][:, None, None, None]
+    seen["y"] = y
+    return (x_t - jnp.sqrt(abar) * params) / jnp.sqrt(1 - abar)
+
+  loss, aux = jax.jit(
+      lambda p, rng: diffusion.cfg_loss(p, exact_eps, s, c, jnp.full((64,), 3), rng,
+                                        p_uncond=0.5, null_label=10)
+  )(0.5, jax.random.key(1))
+  assert float(loss) < 1e-6
+  assert aux["per_example_loss"].shape == (64,)
+  assert 0 <= int(aux["t"].min()) and int(aux["t"].max()) < 1000
+  # A wrong guess of x0 gives a clearly non-zero loss.
+  wrong, _ = diffusion.cfg_loss(0.0, exact_eps, s, c, jnp.full((64,), 3), jax.random.key(1),
+                                p_uncond=0.5, null_label=10)
+  assert float(wrong) > 1e-3
+  dropped = np.asarray(aux["dropped"])
+  assert 0 < dropped.sum() < 64
