@@ -1,0 +1,87 @@
+"""Orbax checkpoints of a state pytree with the run's config saved beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing, unreadable or made with another config."""
+
+
+def manager(directory: str, max_to_keep: Optional[int] = 3, create: bool = True):
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(mngr, step: int, state, config_dict: dict) -> None:
+  """Starts an asynchronous save; `mngr.wait_until_finished()` before the process exits."""
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_dict)))
+
+
+def restore(mngr, abstract_state, step: Optional[int] = None):
+  """(state, saved config dict) of `step` (default: the latest)."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"No checkpoint in {mngr.directory}; train one first with "
+                          "`python train.py --workdir ...`.")
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()))
+  except Exception as e:  # Orbax raises many types for a damaged or mismatched checkpoint.
+    raise CheckpointError(f"Cannot read the checkpoint at step {step} in {mngr.directory} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
+  return restored.state, restored.config
+
+
+def read_config(directory: str) -> dict:
+  """The config saved with the latest checkpoint in `directory`, without the state."""
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"No checkpoint directory {directory}; train one first with "
+                          "`python train.py --workdir ...`.")
+  mngr = manager(directory, create=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise CheckpointError(f"No checkpoint in {directory}; train one first with "
+                          "`python train.py --workdir ...`.")
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  except Exception as e:
+    raise CheckpointError(f"Cannot read the config saved in {directory} at step {step} "
+                          f"({type(e).__name__}).") from e
+
+
+def check_compatible(saved: dict, current: dict, keys: Iterable[str]) -> None:
+  """Raises if a config entry that shapes the saved state differs from the current config.
+
+  `keys` are dotted paths to sections or fields, e.g. ("data.name", "model").
+  """
+  def lookup(tree, dotted):
+    for part in dotted.split("."):
+      tree = tree.get(part) if isinstance(tree, dict) else None
+    return json.loads(json.dumps(tree))  # tuples and lists compare equal
+
+  def flat(value, prefix):
+    if isinstance(value, dict):
+      return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+  diffs = []
+  for key in keys:
+    old, new = flat(lookup(saved, key), key), flat(lookup(current, key), key)
+    for name in sorted(set(old) | set(new)):
+      if old.get(name) != new.get(name):
+        diffs.append(f"{name}: saved {old.get(name)!r}, now {new.get(name)!r}")
+  if diffs:
+    raise CheckpointError("The config contradicts the checkpoint it would resume ("
+                          + "; ".join(diffs) + "); use a new --workdir or the saved values.")
+
+
+def abstract(tree: Any):
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)

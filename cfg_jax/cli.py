@@ -1,0 +1,51 @@
+"""What the command-line entry points share: user errors end in one line and exit 2."""
+
+import sys
+
+from cfg_jax import checkpoints, data, training
+
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, checkpoints.CheckpointError,
+               data.DatasetError, training.TrainingError)
+
+
+def floats(values, name):
+  """absl list flag → floats, or a ValueError naming the flag."""
+  try:
+    return [float(v) for v in values if v != ""]
+  except ValueError:
+    raise ValueError(f"--{name} must be comma-separated numbers, got {','.join(values)!r}.")
+
+
+def setup_logging():
+  """INFO logs for this project; Orbax's INFO chatter is dropped."""
+  import logging
+
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.INFO)
+
+  class _DropLibraryInfo(logging.Filter):
+    def filter(self, record):
+      return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_DropLibraryInfo())
+
+
+def parse_flags_or_exit(argv):
+  """absl's flag parsing, but a bad flag is one line on stderr and exit status 2."""
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_or_exit(fn):
+  try:
+    return fn()
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,50 @@
+"""Samples a trained model at several guidance scales and scores each set.
+
+  python sweep.py --workdir runs/digits --guidance_scales 0,0.5,1,1.5,2,3,5
+  python sweep.py --workdir runs/digits --guidance_scales= --classifier_scales 0,1,2,4,8
+
+Writes sweep.json, sweep.csv and sweep.png (FID against accuracy and IS, precision
+against recall) to --out_dir (default: WORKDIR/sweep).
+"""
+
+from absl import app, flags
+
+from cfg_jax import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Training workdir to load.")
+_GUIDANCE = flags.DEFINE_list("guidance_scales", "0,0.5,1,1.5,2,3,5", "Classifier-free γ values.")
+_CLASSIFIER = flags.DEFINE_list("classifier_scales", [], "Classifier-guidance s values "
+                                "(uses the workdir's noisy classifier).")
+_BASE = flags.DEFINE_float("classifier_base_guidance", 0.0, "γ under classifier guidance "
+                           "(0: guide the unconditional model).")
+_NUM = flags.DEFINE_integer("num_samples", 1000, "Samples per scale.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed: the same x_T at every scale.")
+_METHOD = flags.DEFINE_enum("method", "ddim", ["ddim", "ddpm"], "Sampler.")
+_STEPS = flags.DEFINE_integer("num_steps", 50, "Denoising steps.")
+_BATCH = flags.DEFINE_integer("batch_size", 500, "Images per compiled sampler call.")
+_OUT = flags.DEFINE_string("out_dir", None, "Output folder; default WORKDIR/sweep.")
+_EVALNET = flags.DEFINE_string("evalnet_dir", None, "Evaluation network; trained there if "
+                               "absent (default runs/evalnet/DATASET).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing sweep files.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.setup_logging()
+  from cfg_jax.evaluation import sweep
+
+  def run():
+    rows = sweep.run_sweep(
+        workdir=_WORKDIR.value, guidance_scales=cli.floats(_GUIDANCE.value, "guidance_scales"),
+        classifier_scales=cli.floats(_CLASSIFIER.value, "classifier_scales"),
+        classifier_base_guidance=_BASE.value, num_samples=_NUM.value, seed=_SEED.value,
+        method=_METHOD.value, num_steps=_STEPS.value, batch_size=_BATCH.value,
+        out_dir=_OUT.value, evalnet_dir=_EVALNET.value, overwrite=_OVERWRITE.value)
+    sweep.print_rows(rows)
+
+  cli.run_or_exit(run)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags_or_exit)
