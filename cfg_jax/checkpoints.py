@@ -45,16 +45,28 @@ def read_config(directory: str) -> dict:
   if not os.path.isdir(directory):
     raise CheckpointError(f"No checkpoint directory {directory}; train one first with "
                           "`python train.py --workdir ...`.")
-  mngr = manager(directory, create=False)
+  return _saved_config(manager(directory, create=False))
+
+
+def _saved_config(mngr) -> dict:
   step = mngr.latest_step()
   if step is None:
-    raise CheckpointError(f"No checkpoint in {directory}; train one first with "
+    raise CheckpointError(f"No checkpoint in {mngr.directory}; train one first with "
                           "`python train.py --workdir ...`.")
   try:
     return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
   except Exception as e:
-    raise CheckpointError(f"Cannot read the config saved in {directory} at step {step} "
+    raise CheckpointError(f"Cannot read the config saved in {mngr.directory} at step {step} "
                           f"({type(e).__name__}).") from e
+
+
+def resume(mngr, state, config_dict: dict, keys: Iterable[str]):
+  """The latest checkpointed state if there is one (else `state`), after checking that the
+  config entries `keys` agree with the saved config."""
+  if mngr.latest_step() is None:
+    return state
+  check_compatible(_saved_config(mngr), config_dict, keys)
+  return restore(mngr, abstract(state))[0]
 
 
 def check_compatible(saved: dict, current: dict, keys: Iterable[str]) -> None:

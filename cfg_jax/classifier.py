@@ -90,9 +90,7 @@ def train_classifier(config, workdir: str, train_split: data.Split, mesh=None):
   state = _init_state(params, tx)
   mngr = checkpoints.manager(os.path.join(workdir, "classifier"),
                              config.train.max_checkpoints_to_keep)
-  if mngr.latest_step() is not None:
-    state, saved = checkpoints.restore(mngr, checkpoints.abstract(state))
-    checkpoints.check_compatible(saved, config.to_dict(), STATE_SECTIONS)
+  state = checkpoints.resume(mngr, state, config.to_dict(), STATE_SECTIONS)
   schedule = schedule_from(config)
   step = training.jit_data_parallel(make_classifier_step(graphdef, tx, schedule), mesh)
   writer = training.MetricWriter(workdir, "classifier")

@@ -87,9 +87,8 @@ def train_diffusion(config, workdir: str, train_split: data.Split, mesh=None):
   state = init_state(params, tx)
   mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"),
                              config.train.max_checkpoints_to_keep)
-  if mngr.latest_step() is not None:
-    state, saved = checkpoints.restore(mngr, checkpoints.abstract(state))
-    checkpoints.check_compatible(saved, config.to_dict(), STATE_SECTIONS)
+  state = checkpoints.resume(mngr, state, config.to_dict(), STATE_SECTIONS)
+  if int(state.step):
     logging.info("Resuming the diffusion model from step %d.", int(state.step))
   logging.info("UNet: %d parameters.", unet.count_params(params))
   state = training.replicate(state, mesh)

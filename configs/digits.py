@@ -48,7 +48,7 @@ def get_config():
 
   config.train = dict(
       num_steps=2000,
-      batch_size=128,
+      batch_size=64,
       log_every=100,
       checkpoint_every=1000,
       max_checkpoints_to_keep=3,
@@ -66,7 +66,7 @@ def get_config():
           num_groups=8,
           dropout=0.0,
       ),
-      num_steps=1000,
+      num_steps=600,
       batch_size=128,
       learning_rate=1e-3,
       weight_decay=0.05,

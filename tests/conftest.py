@@ -7,3 +7,25 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import tempfile
+
+import pytest
+
+# Data sets are prepared into a fresh folder per test session (subprocesses inherit it),
+# so tests never read or write the user's ~/tensorflow_datasets.
+os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="cfg_jax_tfds_")
+
+
+@pytest.fixture(scope="session")
+def digits_train():
+  from cfg_jax import data
+
+  return data.load_split("digits", "train")
+
+
+@pytest.fixture
+def tiny_config():
+  from configs import digits_tiny
+
+  return digits_tiny.get_config()

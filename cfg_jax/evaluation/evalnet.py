@@ -111,9 +111,8 @@ def load_or_train(dataset: str, directory: Optional[str] = None, data_dir: Optio
   state = _init_state(params, tx)
   mngr = checkpoints.manager(directory, max_to_keep=1)
   if mngr.latest_step() is not None:
-    state, saved = checkpoints.restore(mngr, checkpoints.abstract(state))
-    checkpoints.check_compatible(saved, settings, ["dataset", "channels", "features"])
-    test_accuracy = saved["test_accuracy"]
+    state = checkpoints.resume(mngr, state, settings, ["dataset", "channels", "features"])
+    test_accuracy = checkpoints.read_config(directory)["test_accuracy"]
   else:
     logging.info("Training the %s evaluation network into %s.", dataset, directory)
     train = data.load_split(dataset, "train", data_dir)

@@ -6,6 +6,8 @@ plays the role Inception-v3 plays on ImageNet.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 
@@ -19,10 +21,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   """|μ1 − μ2|² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½), as in Heusel et al. (2017) and pytorch-fid."""
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-  covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
-  if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
-    offset = np.eye(sigma1.shape[0]) * 1e-6
-    covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+  with warnings.catch_warnings():  # singular products are handled just below
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # regularise as pytorch-fid does
+      offset = np.eye(sigma1.shape[0]) * 1e-6
+      covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
   covmean = np.real(covmean)
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))

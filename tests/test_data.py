@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from cfg_jax import data
+
+
+def test_digits_splits_values_and_labels(digits_train):
+  test = data.load_split("digits", "test")
+  assert digits_train.images.shape == (1437, 8, 8, 1) and test.images.shape == (360, 8, 8, 1)
+  assert digits_train.images.dtype == np.float32 and digits_train.labels.dtype == np.int32
+  for split in (digits_train, test):
+    assert split.images.min() == -1.0 and split.images.max() == 1.0
+    assert set(np.unique(split.labels)) == set(range(10))
+  # Pixel values 0..16 map to (v / 16)·2 − 1 exactly.
+  np.testing.assert_allclose(np.unique((digits_train.images + 1) / 2 * 16) % 1, 0, atol=1e-5)
+
+
+def test_split_is_fixed_and_matches_sklearn(digits_train):
+  from sklearn.datasets import load_digits
+
+  raw = load_digits()
+  order = np.random.default_rng(0).permutation(1797)
+  # The same split as the builder's: the sorted train set equals sklearn's rows order[360:].
+  expected = raw.images[order[360:]][..., None] / 16 * 2 - 1
+  np.testing.assert_allclose(np.sort(expected.reshape(len(expected), -1), axis=0),
+                             np.sort(digits_train.images.reshape(1437, -1), axis=0), atol=1e-6)
+  assert np.bincount(digits_train.labels).tolist() == np.bincount(raw.target[order[360:]]).tolist()
+
+
+def test_batches_are_a_pure_function_of_the_step(digits_train):
+  first = [b["label"] for _, b in zip(range(30), data.batches(digits_train, 100, seed=3))]
+  resumed = [b["label"] for _, b in zip(range(10), data.batches(digits_train, 100, 3, start_step=20))]
+  for a, b in zip(first[20:], resumed):
+    np.testing.assert_array_equal(a, b)
+  # Within an epoch (14 batches of 100) no example repeats.
+  epoch = np.concatenate([data.batch_indices(s, 1437, 100, 3) for s in range(14)])
+  assert len(np.unique(epoch)) == 1400
+
+
+def test_unknown_and_unprepared_data_sets_are_clear_errors(tmp_path):
+  with pytest.raises(data.DatasetError, match="Unknown data set 'imagenet'"):
+    data.load_split("imagenet", "train")
+  with pytest.raises(data.DatasetError, match="not prepared.*download=True"):
+    data.load_split("mnist", "train", data_dir=str(tmp_path), download=False)

@@ -1,0 +1,124 @@
+"""The command-line tools on the tiny config: train, resume, sample, evaluate, sweep, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config", os.path.join(REPO, "configs", "digits_tiny.py")]
+
+
+def run(*args):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device is enough
+  return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                        cwd=REPO, env=env, timeout=600)
+
+
+def assert_one_line_error(result, text):
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and text in lines[0], result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  work = tmp_path_factory.mktemp("e2e") / "run"
+  result = run("train.py", *TINY, "--workdir", work)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return work
+
+
+def test_training_writes_checkpoints_metrics_and_grids(workdir):
+  assert {"2", "4"} <= set(os.listdir(workdir / "checkpoints"))
+  assert os.listdir(workdir / "classifier")
+  assert (workdir / "samples_cfg_3.png").exists()
+  assert (workdir / "samples_classifier_1.png").exists()
+  lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  assert any("diffusion/loss" in l for l in lines) and any("classifier/accuracy" in l for l in lines)
+  assert any("classifier/test_accuracy_q3" in l for l in lines)
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+
+
+def test_resume_and_contradicting_config(workdir):
+  result = run("train.py", *TINY, "--workdir", workdir, "--config.train.num_steps=6",
+               "--config.classifier.num_steps=0")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resuming the diffusion model from step 4" in result.stderr
+  assert "6" in os.listdir(workdir / "checkpoints")
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  result = run("train.py", *TINY, "--workdir", workdir, "--config.model.base_channels=16")
+  assert_one_line_error(result, "model.base_channels: saved 8, now 16")
+  assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def test_sample_cli_writes_the_evaluator_layout_deterministically(workdir, tmp_path):
+  out = tmp_path / "s.npz"
+  args = ["sample.py", "--workdir", workdir, "--out", out, "--num_samples", 12, "--num_steps", 3,
+          "--batch_size", 8, "--guidance_scale", 2]
+  result = run(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(out) as f:
+    images, labels = f["arr_0"], f["arr_1"]
+  assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, np.arange(12) % 10)
+  assert (tmp_path / "s.png").exists()
+  # The same seed gives the same samples (and --overwrite replaces the file).
+  assert run(*args, "--overwrite").returncode == 0
+  with np.load(out) as f:
+    np.testing.assert_array_equal(f["arr_0"], images)
+  guided = run("sample.py", "--workdir", workdir, "--out", tmp_path / "cg.npz", "--num_samples",
+               4, "--num_steps", 3, "--guidance_scale", 0, "--classifier_scale", 2,
+               "--labels", "7")
+  assert guided.returncode == 0, guided.stderr[-3000:]
+  with np.load(tmp_path / "cg.npz") as f:
+    np.testing.assert_array_equal(f["arr_1"], [7, 7, 7, 7])
+
+
+def test_sample_cli_errors_are_one_line_and_keep_existing_files(workdir, tmp_path):
+  out = tmp_path / "keep.npz"
+  out.write_bytes(b"precious")
+  assert_one_line_error(run("sample.py", "--workdir", workdir, "--out", out), "exists")
+  assert out.read_bytes() == b"precious"
+  assert_one_line_error(run("sample.py", "--workdir", workdir, "--out", tmp_path / "a.npz",
+                            "--labels", "3,10"), "label 10 is out of range")
+  assert_one_line_error(run("sample.py", "--workdir", tmp_path / "nothing", "--out",
+                            tmp_path / "b.npz"), "No checkpoint")
+  assert_one_line_error(run("sample.py", "--workdir", workdir, "--num_steps", "many"),
+                        "num_steps")
+  assert_one_line_error(run("sample.py", "--workdir", workdir, "--out", tmp_path / "c.npz",
+                            "--num_steps", 5000), "num_steps must be an int in 1..1000")
+  assert not any(p.suffix == ".npz" for p in tmp_path.iterdir() if p.name != "keep.npz")
+
+
+def test_evaluate_and_sweep(workdir, tmp_path):
+  from cfg_jax.evaluation import evalnet, sweep
+
+  evalnet_dir = str(tmp_path / "evalnet")
+  net = evalnet.load_or_train("digits", evalnet_dir, num_steps=60)
+  assert 0.5 < net.test_accuracy <= 1.0
+  assert evalnet.load_or_train("digits", evalnet_dir).test_accuracy == net.test_accuracy
+  rows = sweep.run_sweep(workdir=str(workdir), guidance_scales=(0.0, 3.0),
+                         classifier_scales=(1.0,), num_samples=20, num_steps=3,
+                         out_dir=str(tmp_path / "sweep"), evalnet_dir=evalnet_dir)
+  assert [(r["guidance"], r["scale"]) for r in rows] == [
+      ("classifier-free", 0.0), ("classifier-free", 3.0), ("classifier", 1.0)]
+  for name in sweep.FILES:
+    assert (tmp_path / "sweep" / name).exists()
+  with pytest.raises(FileExistsError):
+    sweep.run_sweep(workdir=str(workdir), guidance_scales=(1.0,), out_dir=str(tmp_path / "sweep"))
+  # evaluate.py scores any .npz in the evaluator's layout.
+  samples = tmp_path / "real.npz"
+  from cfg_jax import data, images
+
+  test = data.load_split("digits", "test")
+  np.savez(samples, arr_0=images.to_uint8(test.images[:100]), arr_1=test.labels[:100])
+  result = run("evaluate.py", "--samples", samples, "--evalnet_dir", evalnet_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  scores = json.load(open(tmp_path / "real.eval.json"))
+  assert scores["accuracy"] == pytest.approx(net.test_accuracy, abs=0.1)
+  assert_one_line_error(run("evaluate.py", "--samples", tmp_path / "missing.npz"), "No sample file")

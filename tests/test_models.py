@@ -1,0 +1,50 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ml_collections
+from flax import nnx
+
+from cfg_jax.models import unet
+
+CONFIG = ml_collections.ConfigDict(dict(
+    image_shape=(8, 8, 1), num_classes=10, base_channels=8, channel_mult=(1, 2),
+    num_res_blocks=2, attention_resolutions=(4,), dropout=0.1, num_groups=4, num_heads=2))
+
+
+def _perturbed(params, seed=0):
+  # Output layers start at zero (ADM's zero_module); perturb so outputs depend on inputs.
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_unet_shapes_null_label_and_dropout():
+  graphdef, params = unet.split_params(unet.UNet(CONFIG, rngs=nnx.Rngs(0)))
+  assert params["class_embed"]["embedding"].shape[0] == 11  # ten classes + the null label
+  params = _perturbed(params)
+  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+  t = jnp.array([0, 500, 999])
+  apply = jax.jit(unet.eps_fn, static_argnums=0)
+  cond = apply(graphdef, params, x, t, jnp.array([1, 2, 3]))
+  null = apply(graphdef, params, x, t, jnp.array([10, 10, 10]))
+  assert cond.shape == x.shape and bool(jnp.all(jnp.isfinite(cond)))
+  assert float(jnp.max(jnp.abs(cond - null))) > 1e-3
+  model = nnx.merge(graphdef, params)
+  same = [model(x, t, jnp.array([1, 2, 3])) for _ in range(2)]
+  np.testing.assert_array_equal(same[0], same[1])
+  dropped = model(x, t, jnp.array([1, 2, 3]), dropout_rng=jax.random.key(2))
+  assert float(jnp.max(jnp.abs(dropped - same[0]))) > 1e-4
+
+
+def test_noisy_classifier_logits():
+  graphdef, params = unet.split_params(unet.NoisyClassifier(CONFIG, rngs=nnx.Rngs(0)))
+  assert "class_embed" not in params
+  logits = unet.classifier_fn(graphdef, params, jnp.zeros((5, 8, 8, 1)), jnp.arange(5) * 100)
+  assert logits.shape == (5, 10)
+
+
+def test_timestep_embedding_matches_guided_diffusion():
+  emb = unet.timestep_embedding(jnp.array([0, 7]), 6)
+  freqs = np.exp(-np.log(10_000) * np.arange(3) / 3)
+  np.testing.assert_allclose(emb[1], np.concatenate([np.cos(7 * freqs), np.sin(7 * freqs)]),
+                             rtol=1e-5)

@@ -1,0 +1,52 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cfg_jax import data, trainer, training
+
+
+def _run_steps(config, split, devices, num_steps=3):
+  mesh = training.data_mesh(devices)
+  graphdef, params = trainer.create_unet(config, 0)
+  tx = training.make_optimizer(**config.optimizer)
+  state = training.replicate(trainer.init_state(params, tx), mesh)
+  step = training.jit_data_parallel(
+      trainer.make_train_step(graphdef, tx, trainer.schedule_from(config), config), mesh)
+  losses = []
+  for batch in [b for _, b in zip(range(num_steps), data.batches(split, 16, seed=0))]:
+    state, metrics = step(state, training.shard_batch(batch, mesh), jax.random.key(0))
+    losses.append(float(metrics["loss"]))
+  return jax.device_get(state), losses
+
+
+def test_eight_devices_match_one(tiny_config, digits_train):
+  assert jax.device_count() == 8, "conftest.py asks XLA for eight host devices"
+  one, losses_one = _run_steps(tiny_config, digits_train, jax.devices()[:1])
+  eight, losses_eight = _run_steps(tiny_config, digits_train, jax.devices())
+  np.testing.assert_allclose(losses_one, losses_eight, rtol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         one.params, eight.params)
+  assert int(eight.step) == 3
+  # The EMA moved towards the new parameters, but not all the way.
+  _, init = trainer.create_unet(tiny_config, 0)
+  leaf = lambda tree: np.asarray(tree["encoder"]["input_conv"]["kernel"])
+  assert 0 < np.abs(leaf(eight.ema_params) - leaf(init)).max() < np.abs(
+      leaf(eight.params) - leaf(init)).max()
+
+
+def test_training_is_deterministic(tiny_config, digits_train):
+  a, losses_a = _run_steps(tiny_config, digits_train, jax.devices()[:1], 2)
+  b, losses_b = _run_steps(tiny_config, digits_train, jax.devices()[:1], 2)
+  assert losses_a == losses_b
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
+
+
+def test_batch_size_must_divide_over_devices(tiny_config):
+  with pytest.raises(ValueError, match="divisible by the 8 devices"):
+    training.check_batch_size(12, training.data_mesh())
+
+
+def test_ema_update_warmup():
+  ema = training.ema_update({"w": jnp.zeros(())}, {"w": jnp.ones(())}, step=0, decay=0.999)
+  assert float(ema["w"]) == pytest.approx(1 - 0.1)  # (1 + 0) / (10 + 0) kept of the old
