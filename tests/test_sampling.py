@@ -214,3 +214,17 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
   labels = call.pop("labels")
   with pytest.raises(ValueError, match=message):
     sampling.sample(jax.random.key(0), ORACLE.eps, SCHEDULE, labels, **call)
+
+
+def test_zero_classifier_scale_evaluates_no_classifier():
+  """With s = 0 the classifier's branch never runs: a NaN-producing classifier is harmless."""
+  def poisoned(x, t):
+    return jnp.full((x.shape[0], 3), jnp.nan) * jnp.sum(x)
+
+  kw = dict(image_shape=(2,), num_steps=4, guidance_scale=1.0, null_label=NULL,
+            classifier_fn=poisoned)
+  clean = sampling.sample(jax.random.key(5), ORACLE.eps, SCHEDULE, [0, 1], classifier_scale=0.0, **kw)
+  assert bool(jnp.all(jnp.isfinite(clean)))
+  guided = sampling.sample(jax.random.key(5), ORACLE.eps, SCHEDULE, [0, 1], classifier_scale=1.0,
+                           **kw)
+  assert not bool(jnp.all(jnp.isfinite(guided)))

@@ -50,3 +50,24 @@ def test_batch_size_must_divide_over_devices(tiny_config):
 def test_ema_update_warmup():
   ema = training.ema_update({"w": jnp.zeros(())}, {"w": jnp.ones(())}, step=0, decay=0.999)
   assert float(ema["w"]) == pytest.approx(1 - 0.1)  # (1 + 0) / (10 + 0) kept of the old
+
+
+def test_nan_loss_stops_training_before_a_checkpoint(tmp_path, digits_train):
+  from cfg_jax import checkpoints
+
+  mesh = training.data_mesh(jax.devices()[:1])
+  state = training.TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(())}, None, ())
+
+  def diverging_step(state, batch, rng):
+    loss = jnp.where(state.step >= 2, jnp.nan, 1.0)
+    return state.replace(step=state.step + 1), {"loss": loss}
+
+  mngr = checkpoints.manager(str(tmp_path / "ckpt"))
+  writer = training.MetricWriter(str(tmp_path), "test")
+  with pytest.raises(training.TrainingError, match="non-finite metrics.*at step 3; lower the"):
+    training.fit(state=state, train_step=jax.jit(diverging_step), mesh=mesh,
+                 batches=data.batches(digits_train, 8, 0), rng=jax.random.key(0), num_steps=10,
+                 manager=mngr, config_dict={}, writer=writer, log_every=1, checkpoint_every=2,
+                 batch_size=8, description="test")
+  mngr.wait_until_finished()
+  assert mngr.all_steps() == [2]  # the good step-2 checkpoint survives; no NaN state saved
