@@ -78,7 +78,7 @@ def get_config():
       num_steps=50,
       eta=0.0,
       guidance_scales=(0.0, 1.0, 3.0),  # classifier-free γ
-      classifier_scales=(1.0, 4.0),  # classifier guidance s, on the unconditional model
+      classifier_scales=(4.0,),  # classifier guidance s, on the unconditional model (γ = 0)
       samples_per_class=10,
   )
   return config
