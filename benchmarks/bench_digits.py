@@ -20,7 +20,7 @@ from absl import app, flags
 from jax.tree_util import Partial
 from ml_collections import config_flags
 
-from cfg_jax import classifier, data, sampling, trainer, training
+from cfg_jax import classifier, data, sampling, schedules, trainer, training
 from cfg_jax.models import unet
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -50,7 +50,7 @@ def bench_training(config):
   tx = training.make_optimizer(**config.optimizer)
   state = training.replicate(trainer.init_state(params, tx), mesh)
   step = training.jit_data_parallel(
-      trainer.make_train_step(graphdef, tx, trainer.schedule_from(config), config), mesh)
+      trainer.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config), mesh)
   rng = np.random.default_rng(0)
   b = config.train.batch_size
   batch = training.shard_batch({
@@ -73,7 +73,7 @@ def bench_training(config):
 
 def bench_sampling(config, graphdef, params):
   spec = data.spec(config.data.name)
-  schedule = trainer.schedule_from(config)
+  schedule = schedules.from_config(config.diffusion)
   eps_fn = trainer.eps_function(graphdef, params)
   cls_graphdef, cls_params = classifier.create_classifier(config, 0)
   classifier_fn = Partial(unet.classifier_fn, cls_graphdef, cls_params)

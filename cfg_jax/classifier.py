@@ -18,16 +18,15 @@ import optax
 from flax import nnx
 from jax.tree_util import Partial
 
-from cfg_jax import checkpoints, data, diffusion, training
+from cfg_jax import checkpoints, data, diffusion, models, schedules, training
 from cfg_jax.models import unet
 
 STATE_SECTIONS = ("data.name", "diffusion", "classifier.model")
 
 
 def create_classifier(config, seed: int):
-  from cfg_jax.trainer import model_config
-
-  model = unet.NoisyClassifier(model_config(config, config.classifier.model), rngs=nnx.Rngs(seed))
+  model_config = models.model_config(config, config.classifier.model)
+  model = unet.NoisyClassifier(model_config, rngs=nnx.Rngs(seed))
   return unet.split_params(model)
 
 
@@ -68,30 +67,22 @@ def accuracy_by_noise_quarter(classifier_fn, schedule, split: data.Split, seed: 
   return out
 
 
-def _optimizer(config):
-  c = config.classifier
-  return training.make_optimizer(c.learning_rate, warmup_steps=c.get("warmup_steps", 100),
-                                 weight_decay=c.weight_decay)
-
-
 def _init_state(params, tx):
   return training.TrainState(jnp.zeros((), jnp.int32), params, None, tx.init(params))
 
 
 def train_classifier(config, workdir: str, train_split: data.Split, mesh=None):
   """Trains (or resumes) the noisy classifier; returns it as `classifier_fn(x_t, t)`."""
-  from cfg_jax.trainer import schedule_from
-
   mesh = mesh or training.data_mesh()
   c = config.classifier
   training.check_batch_size(c.batch_size, mesh)
   graphdef, params = create_classifier(config, config.seed + 1)
-  tx = _optimizer(config)
+  tx = training.make_optimizer(**c.optimizer)
   state = _init_state(params, tx)
   mngr = checkpoints.manager(os.path.join(workdir, "classifier"),
                              config.train.max_checkpoints_to_keep)
   state = checkpoints.resume(mngr, state, config.to_dict(), STATE_SECTIONS)
-  schedule = schedule_from(config)
+  schedule = schedules.from_config(config.diffusion)
   step = training.jit_data_parallel(make_classifier_step(graphdef, tx, schedule), mesh)
   writer = training.MetricWriter(workdir, "classifier")
   try:
@@ -119,6 +110,7 @@ def load_classifier(workdir: str):
   directory = os.path.join(workdir, "classifier")
   config = ml_collections.ConfigDict(checkpoints.read_config(directory))
   graphdef, params = create_classifier(config, 0)
-  target = checkpoints.abstract(_init_state(params, _optimizer(config)))
+  tx = training.make_optimizer(**config.classifier.optimizer)
+  target = checkpoints.abstract(_init_state(params, tx))
   state, _ = checkpoints.restore(checkpoints.manager(directory, create=False), target)
   return Partial(unet.classifier_fn, graphdef, state.params), config

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from cfg_jax import data, images, sampling, schedules
+from cfg_jax import classifier, data, images, sampling, schedules, trainer
 
 
 def parse_labels(text: Optional[str], num_samples: int, num_classes: int) -> np.ndarray:
@@ -101,8 +101,6 @@ def sample_to_npz(*, workdir: str, out: str, num_samples: int, labels: Optional[
                   classifier_scale: float = 0.0, classifier_workdir: Optional[str] = None,
                   overwrite: bool = False) -> tuple[str, str]:
   """What `sample.py` does: load the EMA model, sample, write the .npz and a PNG grid."""
-  from cfg_jax import classifier, trainer
-
   if num_samples < 1:
     raise ValueError(f"--num_samples must be positive, got {num_samples}.")
   check_output_free(out, overwrite)
@@ -112,8 +110,8 @@ def sample_to_npz(*, workdir: str, out: str, num_samples: int, labels: Optional[
   classifier_fn = None
   if classifier_scale != 0:
     classifier_fn, _ = classifier.load_classifier(classifier_workdir or workdir)
-  samples = generate(jax.random.key(seed), eps_fn, trainer.schedule_from(config), label_array,
-                     image_shape=spec.image_shape, num_classes=spec.num_classes,
+  samples = generate(jax.random.key(seed), eps_fn, schedules.from_config(config.diffusion),
+                     label_array, image_shape=spec.image_shape, num_classes=spec.num_classes,
                      batch_size=batch_size, progress=True, method=method, num_steps=num_steps,
                      eta=eta, guidance_scale=guidance_scale, classifier_fn=classifier_fn,
                      classifier_scale=classifier_scale)

@@ -21,8 +21,8 @@ def grid(images: np.ndarray, num_rows: int, pad: int = 1) -> np.ndarray:
   cols = -(-n // num_rows)
   out = np.full((num_rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
   for i, image in enumerate(images):
-    r, q = divmod(i, cols)
-    out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = image
+    top, left = (pad + k * (size + pad) for k, size in zip(divmod(i, cols), (h, w)))
+    out[top:top + h, left:left + w] = image
   return out
 
 

@@ -70,6 +70,11 @@ def get(name: str, num_timesteps: int = 1000) -> Schedule:
   return _BY_NAME[name](num_timesteps)
 
 
+def from_config(diffusion_config) -> Schedule:
+  """The schedule of a config's `diffusion` section."""
+  return get(diffusion_config.schedule, diffusion_config.num_timesteps)
+
+
 def _check_num_timesteps(num_timesteps):
   if not isinstance(num_timesteps, int) or num_timesteps < 1:
     raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}.")

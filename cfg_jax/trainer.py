@@ -13,29 +13,16 @@ import numpy as np
 from flax import nnx
 from jax.tree_util import Partial
 
-from cfg_jax import checkpoints, data, diffusion, images, sampling, schedules, training
+from cfg_jax import (checkpoints, classifier, data, diffusion, images, models, sampling,
+                     schedules, training)
 from cfg_jax.models import unet
 
 # Config sections that shape the saved state: resuming with other values is an error.
 STATE_SECTIONS = ("data.name", "model", "diffusion")
 
 
-def model_config(config, section=None) -> ml_collections.ConfigDict:
-  """A model section (default `config.model`) plus what the data set fixes."""
-  spec = data.spec(config.data.name)
-  section = config.model if section is None else section
-  out = ml_collections.ConfigDict(section.to_dict())
-  out.image_shape = spec.image_shape
-  out.num_classes = spec.num_classes
-  return out
-
-
-def schedule_from(config) -> schedules.Schedule:
-  return schedules.get(config.diffusion.schedule, config.diffusion.num_timesteps)
-
-
 def create_unet(config, seed: int):
-  return unet.split_params(unet.UNet(model_config(config), rngs=nnx.Rngs(seed)))
+  return unet.split_params(unet.UNet(models.model_config(config), rngs=nnx.Rngs(seed)))
 
 
 def make_train_step(graphdef, tx, schedule, config):
@@ -57,7 +44,7 @@ def make_train_step(graphdef, tx, schedule, config):
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree_util.tree_map(jnp.add, state.params, updates)
-    ema = training.ema_update(state.ema_params, params, state.step, config.optimizer.ema_decay)
+    ema = training.ema_update(state.ema_params, params, state.step, config.train.ema_decay)
     metrics = {"loss": loss, "grad_norm": _global_norm(grads)}
     return training.TrainState(state.step + 1, params, ema, opt_state), metrics
 
@@ -93,7 +80,7 @@ def train_diffusion(config, workdir: str, train_split: data.Split, mesh=None):
   logging.info("UNet: %d parameters.", unet.count_params(params))
   state = training.replicate(state, mesh)
   train_step = training.jit_data_parallel(
-      make_train_step(graphdef, tx, schedule_from(config), config), mesh)
+      make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config), mesh)
   writer = training.MetricWriter(workdir, "diffusion")
   try:
     state = training.fit(
@@ -114,7 +101,8 @@ def load_diffusion(workdir: str):
   directory = os.path.join(workdir, "checkpoints")
   config = ml_collections.ConfigDict(checkpoints.read_config(directory))
   graphdef, params = create_unet(config, 0)
-  target = checkpoints.abstract(init_state(params, training.make_optimizer(**config.optimizer)))
+  tx = training.make_optimizer(**config.optimizer)
+  target = checkpoints.abstract(init_state(params, tx))
   state, _ = checkpoints.restore(checkpoints.manager(directory, create=False), target)
   return eps_function(graphdef, state.ema_params), config
 
@@ -125,7 +113,7 @@ def sample_grid(path, eps_fn, config, guidance_scale, seed, classifier_fn=None,
   spec = data.spec(config.data.name)
   labels = np.repeat(np.arange(spec.num_classes), config.sampling.samples_per_class)
   x = sampling.sample(
-      jax.random.key(seed), eps_fn, schedule_from(config), labels,
+      jax.random.key(seed), eps_fn, schedules.from_config(config.diffusion), labels,
       image_shape=spec.image_shape, method=config.sampling.method,
       num_steps=config.sampling.num_steps, eta=config.sampling.eta,
       guidance_scale=guidance_scale, null_label=spec.num_classes,
@@ -136,8 +124,6 @@ def sample_grid(path, eps_fn, config, guidance_scale, seed, classifier_fn=None,
 
 def train_and_evaluate(config, workdir: str) -> None:
   """The main job: diffusion model, noisy classifier, then sample grids in workdir."""
-  from cfg_jax import classifier  # the classifier stage lives beside the diffusion one
-
   os.makedirs(workdir, exist_ok=True)
   train_split = data.load_split(config.data.name, "train", config.data.data_dir or None,
                                 config.data.download)

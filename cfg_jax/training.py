@@ -31,9 +31,8 @@ class TrainState:
 
 
 def make_optimizer(learning_rate, warmup_steps, weight_decay, grad_clip_norm=1.0, b1=0.9,
-                   b2=0.999, **unused) -> optax.GradientTransformation:
+                   b2=0.999) -> optax.GradientTransformation:
   """AdamW after global-norm clipping, with a linear warm-up to a constant rate."""
-  del unused
   schedule = optax.linear_schedule(0.0, learning_rate, max(int(warmup_steps), 1))
   return optax.chain(
       optax.clip_by_global_norm(grad_clip_norm),
@@ -60,10 +59,21 @@ def replicate(tree, mesh):
 
 
 def shard_batch(batch: dict, mesh) -> dict:
-  """Host batch → global array split over the "data" axis (works across hosts too)."""
+  """Global host batch → array split over the "data" axis.
+
+  Every process builds the same global batch (the data order is a function of the step)
+  and contributes its own slice, so the same code spans several hosts.
+  """
   sharding = NamedSharding(mesh, P("data"))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  index, count = jax.process_index(), jax.process_count()
+
+  def place(value):
+    value = np.asarray(value)
+    per_process = len(value) // count
+    local = value[index * per_process:(index + 1) * per_process]
+    return jax.make_array_from_process_local_data(sharding, local, value.shape)
+
+  return {k: place(v) for k, v in batch.items()}
 
 
 def jit_data_parallel(step_fn, mesh):

@@ -43,12 +43,12 @@ def get_config():
       grad_clip_norm=1.0,
       b1=0.9,
       b2=0.99,
-      ema_decay=0.999,
   )
 
   config.train = dict(
       num_steps=2000,
       batch_size=64,
+      ema_decay=0.999,  # sampling and evaluation use the EMA parameters
       log_every=100,
       checkpoint_every=1000,
       max_checkpoints_to_keep=3,
@@ -66,10 +66,16 @@ def get_config():
           num_groups=8,
           dropout=0.0,
       ),
+      optimizer=dict(
+          learning_rate=1e-3,
+          warmup_steps=100,
+          weight_decay=0.05,
+          grad_clip_norm=1.0,
+          b1=0.9,
+          b2=0.999,
+      ),
       num_steps=600,
       batch_size=128,
-      learning_rate=1e-3,
-      weight_decay=0.05,
   )
 
   # The sample grids written at the end of training: one row per class.

@@ -29,7 +29,8 @@ def test_split_is_fixed_and_matches_sklearn(digits_train):
 
 def test_batches_are_a_pure_function_of_the_step(digits_train):
   first = [b["label"] for _, b in zip(range(30), data.batches(digits_train, 100, seed=3))]
-  resumed = [b["label"] for _, b in zip(range(10), data.batches(digits_train, 100, 3, start_step=20))]
+  later = data.batches(digits_train, 100, seed=3, start_step=20)
+  resumed = [b["label"] for _, b in zip(range(10), later)]
   for a, b in zip(first[20:], resumed):
     np.testing.assert_array_equal(a, b)
   # Within an epoch (14 batches of 100) no example repeats.

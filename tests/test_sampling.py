@@ -100,7 +100,9 @@ def _reference(x_T, labels, noises, method, num_steps, gamma, s, eta, clip, line
       x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - sigma**2) * eps + sigma * noises[i]
     else:
       beta = 1 - a / a_prev
-      mean = (np.sqrt(a_prev) * beta / (1 - a)) * x0 + (np.sqrt(1 - beta) * (1 - a_prev) / (1 - a)) * x
+      coef_x0 = np.sqrt(a_prev) * beta / (1 - a)
+      coef_xt = np.sqrt(1 - beta) * (1 - a_prev) / (1 - a)
+      mean = coef_x0 * x0 + coef_xt * x
       var = beta * (1 - a_prev) / (1 - a)
       mean = mean + var * g  # condition_mean
       x = mean + (t != 0) * np.sqrt(var) * noises[i]
@@ -223,7 +225,8 @@ def test_zero_classifier_scale_evaluates_no_classifier():
 
   kw = dict(image_shape=(2,), num_steps=4, guidance_scale=1.0, null_label=NULL,
             classifier_fn=poisoned)
-  clean = sampling.sample(jax.random.key(5), ORACLE.eps, SCHEDULE, [0, 1], classifier_scale=0.0, **kw)
+  clean = sampling.sample(jax.random.key(5), ORACLE.eps, SCHEDULE, [0, 1], classifier_scale=0.0,
+                          **kw)
   assert bool(jnp.all(jnp.isfinite(clean)))
   guided = sampling.sample(jax.random.key(5), ORACLE.eps, SCHEDULE, [0, 1], classifier_scale=1.0,
                            **kw)

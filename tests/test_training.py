@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfg_jax import data, trainer, training
+from cfg_jax import data, schedules, trainer, training
 
 
 def _run_steps(config, split, devices, num_steps=3):
@@ -12,7 +12,7 @@ def _run_steps(config, split, devices, num_steps=3):
   tx = training.make_optimizer(**config.optimizer)
   state = training.replicate(trainer.init_state(params, tx), mesh)
   step = training.jit_data_parallel(
-      trainer.make_train_step(graphdef, tx, trainer.schedule_from(config), config), mesh)
+      trainer.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config), mesh)
   losses = []
   for batch in [b for _, b in zip(range(num_steps), data.batches(split, 16, seed=0))]:
     state, metrics = step(state, training.shard_batch(batch, mesh), jax.random.key(0))

@@ -47,7 +47,8 @@ def spec(name: str) -> DatasetSpec:
 
 
 def default_data_dir() -> str:
-  return os.environ.get("TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+  home_default = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+  return os.environ.get("TFDS_DATA_DIR", home_default)
 
 
 def load_split(name: str, split: str, data_dir: Optional[str] = None,

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from cfg_jax import data, generate
+from cfg_jax import classifier, data, generate, schedules, trainer
 from cfg_jax.evaluation import METRIC_NAMES, evalnet as evalnet_lib, evaluate, format_table
 
 FILES = ("sweep.json", "sweep.csv", "sweep.png")
@@ -28,8 +28,6 @@ def run_sweep(*, workdir: str, guidance_scales: Sequence[float] = (),
               evalnet_dir: Optional[str] = None, overwrite: bool = False) -> list[dict]:
   """Returns one row per scale and writes sweep.{json,csv,png} to out_dir."""
   from tqdm.auto import tqdm
-
-  from cfg_jax import classifier, trainer
 
   out_dir = out_dir or os.path.join(workdir, "sweep")
   for name in FILES:
@@ -52,7 +50,7 @@ def run_sweep(*, workdir: str, guidance_scales: Sequence[float] = (),
   rows = []
   for kind, scale, kwargs in tqdm(runs, desc="sweep", unit="scale"):
     samples = generate.generate(
-        jax.random.key(seed), eps_fn, trainer.schedule_from(config), labels,
+        jax.random.key(seed), eps_fn, schedules.from_config(config.diffusion), labels,
         image_shape=spec.image_shape, num_classes=spec.num_classes, batch_size=batch_size,
         method=method, num_steps=num_steps, **kwargs)
     row = {"guidance": kind, "scale": scale,
