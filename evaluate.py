@@ -26,6 +26,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.setup_logging()
+  cli.tune_allocator()
 
   def run():
     from cfg_jax import data, generate

@@ -32,6 +32,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.setup_logging()
+  cli.tune_allocator()
   from cfg_jax.evaluation import sweep
 
   def run():

@@ -20,7 +20,7 @@ from absl import app, flags
 from jax.tree_util import Partial
 from ml_collections import config_flags
 
-from cfg_jax import classifier, data, sampling, schedules, trainer, training
+from cfg_jax import classifier, cli, data, sampling, schedules, trainer, training
 from cfg_jax.models import unet
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -100,6 +100,7 @@ def bench_sampling(config, graphdef, params):
 
 def main(argv):
   del argv
+  cli.tune_allocator()  # as the entry points do
   config = _CONFIG.value
   print(f"JAX {jax.__version__} on {jax.device_count()}× {jax.devices()[0].device_kind}")
   graphdef, params = bench_training(config)
