@@ -42,13 +42,19 @@ def make_classifier_step(graphdef, tx, schedule):
     def loss_fn(params):
       logits = nnx.merge(graphdef, params)(x_t, t, dropout_rng=dropout_rng)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+      return loss, jnp.argmax(logits, -1) == labels
 
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return (training.TrainState(state.step + 1, params, None, opt_state),
-            {"loss": loss, "accuracy": accuracy})
+    metrics = {"loss": loss, "accuracy": jnp.mean(correct)}
+    # Accuracy per quarter of the noise range, as guided-diffusion logs it (q0: low noise).
+    quarter = t * 4 // schedule.num_timesteps
+    for q in range(4):
+      in_quarter = quarter == q
+      metrics[f"accuracy_q{q}"] = jnp.sum(correct & in_quarter) / jnp.maximum(
+          jnp.sum(in_quarter), 1)
+    return training.TrainState(state.step + 1, params, None, opt_state), metrics
 
   return step
 

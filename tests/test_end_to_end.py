@@ -41,6 +41,7 @@ def test_training_writes_checkpoints_metrics_and_grids(workdir):
   lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   assert any("diffusion/loss" in l for l in lines)
   assert any("classifier/accuracy" in l for l in lines)
+  assert any("classifier/accuracy_q3" in l for l in lines)
   assert any("classifier/test_accuracy_q3" in l for l in lines)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
 
