@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -72,5 +73,6 @@ def cfg_loss(
   y, dropped = drop_labels(drop_rng, labels, p_uncond, null_label)
   x_t = q_sample(schedule, x0, t, noise)
   eps = eps_apply(params, x_t, t, y)
+  chex.assert_equal_shape([eps, noise])  # a wrong shape would broadcast silently
   per_example = jnp.mean(jnp.square(eps - noise).reshape(batch, -1), axis=-1)
   return jnp.mean(per_example), {"per_example_loss": per_example, "t": t, "dropped": dropped}

@@ -27,6 +27,7 @@ import functools
 import math
 from typing import Callable, Optional, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,12 +110,15 @@ def sample(
 def classifier_free_eps(eps_fn: EpsFn, x_t, t, y, guidance_scale, null_label):
   """ε̂ = ε(x,t,∅) + γ·(ε(x,t,y) − ε(x,t,∅)), with both passes in one batched call."""
   if null_label is None:
-    return eps_fn(x_t, t, y)
+    eps = eps_fn(x_t, t, y)
+    chex.assert_equal_shape([eps, x_t])
+    return eps
   both = eps_fn(
       jnp.concatenate([x_t, x_t]),
       jnp.concatenate([t, t]),
       jnp.concatenate([y, jnp.full_like(y, null_label)]),
   )
+  chex.assert_shape(both, (2 * x_t.shape[0], *x_t.shape[1:]))
   eps_cond, eps_uncond = jnp.split(both, 2)
   return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -126,7 +130,9 @@ def classifier_gradient(classifier_fn: ClassifierFn, x_t, t, y, scale):
   """
 
   def total_log_prob(x):
-    log_probs = jax.nn.log_softmax(classifier_fn(x, t).astype(jnp.float32), axis=-1)
+    logits = classifier_fn(x, t)
+    chex.assert_rank(logits, 2)  # (B, num_classes)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     num_classes = log_probs.shape[-1]
     picked = jnp.take_along_axis(log_probs, jnp.minimum(y, num_classes - 1)[:, None], axis=-1)
     return jnp.sum(jnp.where(y[:, None] < num_classes, picked, 0.0))

@@ -231,3 +231,9 @@ def test_zero_classifier_scale_evaluates_no_classifier():
   guided = sampling.sample(jax.random.key(5), ORACLE.eps, SCHEDULE, [0, 1], classifier_scale=1.0,
                            **kw)
   assert not bool(jnp.all(jnp.isfinite(guided)))
+
+
+def test_an_eps_fn_of_the_wrong_shape_is_caught():
+  with pytest.raises(AssertionError, match="shape"):
+    sampling.sample(jax.random.key(0), lambda x, t, y: x[:, :1], SCHEDULE, [0, 1],
+                    image_shape=(2,), num_steps=2, guidance_scale=2.0, null_label=NULL)
