@@ -48,3 +48,16 @@ def test_timestep_embedding_matches_guided_diffusion():
   freqs = np.exp(-np.log(10_000) * np.arange(3) / 3)
   np.testing.assert_allclose(emb[1], np.concatenate([np.cos(7 * freqs), np.sin(7 * freqs)]),
                              rtol=1e-5)
+
+
+def test_catalog_config_builds_a_matching_unet():
+  """configs/mnist.py (not trained here: it needs a download) gives 28×28 shapes."""
+  from cfg_jax import trainer
+  from configs import mnist
+
+  config = mnist.get_config()
+  graphdef, params = trainer.create_unet(config, 0)
+  out = jax.eval_shape(lambda p: unet.eps_fn(graphdef, p, jnp.zeros((2, 28, 28, 1)),
+                                             jnp.zeros((2,), jnp.int32),
+                                             jnp.full((2,), 10)), params)
+  assert out.shape == (2, 28, 28, 1)
