@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 from jax.tree_util import Partial
 
@@ -43,16 +43,12 @@ def make_train_step(graphdef, tx, schedule, config):
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree_util.tree_map(jnp.add, state.params, updates)
+    params = optax.apply_updates(state.params, updates)
     ema = training.ema_update(state.ema_params, params, state.step, config.train.ema_decay)
-    metrics = {"loss": loss, "grad_norm": _global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
     return training.TrainState(state.step + 1, params, ema, opt_state), metrics
 
   return train_step
-
-
-def _global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def init_state(params, tx) -> training.TrainState:

@@ -9,7 +9,7 @@ Dropout takes an explicit key (`dropout_rng`); without one the model is determin
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
