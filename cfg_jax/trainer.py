@@ -45,7 +45,7 @@ def make_train_step(graphdef, tx, schedule, config):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = training.ema_update(state.ema_params, params, state.step, config.train.ema_decay)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return training.TrainState(state.step + 1, params, ema, opt_state), metrics
 
   return train_step
