@@ -88,7 +88,8 @@ def read_npz(path: str):
     with np.load(path) as f:
       samples, labels = f["arr_0"], f["arr_1"]
   except (KeyError, ValueError, OSError) as e:
-    raise ValueError(f"{path} is not an .npz with arr_0 (uint8 NHWC) and arr_1 (labels): {e}")
+    raise ValueError(f"{path} is not an .npz with arr_0 (uint8 NHWC images) and arr_1 "
+                     f"(labels) ({type(e).__name__}).") from None
   if samples.ndim != 4 or len(samples) != len(labels):
     raise ValueError(f"{path}: arr_0 must be NHWC with one label per image in arr_1, got "
                      f"{samples.shape} and {labels.shape}.")
