@@ -23,10 +23,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --json."
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.setup_logging()
-  cli.tune_allocator()
+  cli.start(argv)
 
   def run():
     from cfg_jax import data, generate

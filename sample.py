@@ -27,9 +27,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.tune_allocator()
+  cli.start(argv)
   npz, png = cli.run_or_exit(lambda: generate.sample_to_npz(
       workdir=_WORKDIR.value, out=_OUT.value, num_samples=_NUM_SAMPLES.value,
       labels=_LABELS.value, guidance_scale=_GUIDANCE.value, method=_METHOD.value,

@@ -29,10 +29,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing sweep files
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.setup_logging()
-  cli.tune_allocator()
+  cli.start(argv)
   from cfg_jax.evaluation import sweep
 
   def run():

@@ -19,9 +19,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Where checkpoints, met
 
 
 def main(argv):
-  del argv
-  cli.setup_logging()
-  cli.tune_allocator()
+  cli.start(argv)
   from cfg_jax import trainer
 
   cli.run_or_exit(lambda: trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value))

@@ -48,7 +48,7 @@ def bench_training(config):
   spec = data.spec(config.data.name)
   graphdef, params = trainer.create_unet(config, 0)
   tx = training.make_optimizer(**config.optimizer)
-  state = training.replicate(trainer.init_state(params, tx), mesh)
+  state = training.replicate(training.init_state(params, tx, with_ema=True), mesh)
   step = training.jit_data_parallel(
       trainer.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config), mesh)
   rng = np.random.default_rng(0)

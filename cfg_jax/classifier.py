@@ -73,10 +73,6 @@ def accuracy_by_noise_quarter(classifier_fn, schedule, split: data.Split, seed: 
   return out
 
 
-def _init_state(params, tx):
-  return training.TrainState(jnp.zeros((), jnp.int32), params, None, tx.init(params))
-
-
 def train_classifier(config, workdir: str, train_split: data.Split, mesh=None):
   """Trains (or resumes) the noisy classifier; returns it as `classifier_fn(x_t, t)`."""
   mesh = mesh or training.data_mesh()
@@ -84,7 +80,7 @@ def train_classifier(config, workdir: str, train_split: data.Split, mesh=None):
   training.check_batch_size(c.batch_size, mesh)
   graphdef, params = create_classifier(config, config.seed + 1)
   tx = training.make_optimizer(**c.optimizer)
-  state = _init_state(params, tx)
+  state = training.init_state(params, tx)
   mngr = checkpoints.manager(os.path.join(workdir, "classifier"),
                              config.train.max_checkpoints_to_keep)
   state = checkpoints.resume(mngr, state, config.to_dict(), STATE_SECTIONS)
@@ -117,6 +113,6 @@ def load_classifier(workdir: str):
   config = ml_collections.ConfigDict(checkpoints.read_config(directory))
   graphdef, params = create_classifier(config, 0)
   tx = training.make_optimizer(**config.classifier.optimizer)
-  target = checkpoints.abstract(_init_state(params, tx))
+  target = checkpoints.abstract(training.init_state(params, tx))
   state, _ = checkpoints.restore(checkpoints.manager(directory, create=False), target)
   return Partial(unet.classifier_fn, graphdef, state.params), config

@@ -64,6 +64,16 @@ def parse_flags_or_exit(argv):
     sys.exit(2)
 
 
+def start(argv):
+  """What every entry point does first: reject stray arguments, set up logs and memory."""
+  from absl import app
+
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  setup_logging()
+  tune_allocator()
+
+
 def run_or_exit(fn):
   try:
     return fn()

@@ -6,7 +6,6 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -51,11 +50,6 @@ def make_train_step(graphdef, tx, schedule, config):
   return train_step
 
 
-def init_state(params, tx) -> training.TrainState:
-  ema_params = jax.tree_util.tree_map(jnp.copy, params)  # own buffers: the step donates both
-  return training.TrainState(jnp.zeros((), jnp.int32), params, ema_params, tx.init(params))
-
-
 def eps_function(graphdef, params):
   """The UNet as `eps_fn(x_t, t, y)` for the sampler; params stay traced, no recompiles."""
   return Partial(unet.eps_fn, graphdef, params)
@@ -67,7 +61,7 @@ def train_diffusion(config, workdir: str, train_split: data.Split, mesh=None):
   training.check_batch_size(config.train.batch_size, mesh)
   graphdef, params = create_unet(config, config.seed)
   tx = training.make_optimizer(**config.optimizer)
-  state = init_state(params, tx)
+  state = training.init_state(params, tx, with_ema=True)
   mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"),
                              config.train.max_checkpoints_to_keep)
   state = checkpoints.resume(mngr, state, config.to_dict(), STATE_SECTIONS)
@@ -98,7 +92,7 @@ def load_diffusion(workdir: str):
   config = ml_collections.ConfigDict(checkpoints.read_config(directory))
   graphdef, params = create_unet(config, 0)
   tx = training.make_optimizer(**config.optimizer)
-  target = checkpoints.abstract(init_state(params, tx))
+  target = checkpoints.abstract(training.init_state(params, tx, with_ema=True))
   state, _ = checkpoints.restore(checkpoints.manager(directory, create=False), target)
   return eps_function(graphdef, state.ema_params), config
 

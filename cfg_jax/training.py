@@ -30,6 +30,12 @@ class TrainState:
   opt_state: Any
 
 
+def init_state(params, tx, with_ema: bool = False) -> TrainState:
+  """Step 0; the EMA copy gets its own buffers, since train steps donate the state."""
+  ema_params = jax.tree_util.tree_map(jnp.copy, params) if with_ema else None
+  return TrainState(jnp.zeros((), jnp.int32), params, ema_params, tx.init(params))
+
+
 def make_optimizer(learning_rate, warmup_steps, weight_decay, grad_clip_norm=1.0, b1=0.9,
                    b2=0.999) -> optax.GradientTransformation:
   """AdamW after global-norm clipping, with a linear warm-up to a constant rate."""

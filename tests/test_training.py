@@ -10,7 +10,7 @@ def _run_steps(config, split, devices, num_steps=3):
   mesh = training.data_mesh(devices)
   graphdef, params = trainer.create_unet(config, 0)
   tx = training.make_optimizer(**config.optimizer)
-  state = training.replicate(trainer.init_state(params, tx), mesh)
+  state = training.replicate(training.init_state(params, tx, with_ema=True), mesh)
   step = training.jit_data_parallel(
       trainer.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config), mesh)
   losses = []

@@ -60,10 +60,6 @@ def _optimizer(settings):
   return optax.adamw(settings["learning_rate"], weight_decay=settings["weight_decay"])
 
 
-def _init_state(params, tx):
-  return training.TrainState(jnp.zeros((), jnp.int32), params, None, tx.init(params))
-
-
 def _make_step(graphdef, tx):
   def step(state, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
@@ -108,7 +104,7 @@ def load_or_train(dataset: str, directory: Optional[str] = None, data_dir: Optio
   settings = {**DEFAULTS, **overrides, "dataset": dataset}
   graphdef, params = _create(dataset, settings)
   tx = _optimizer(settings)
-  state = _init_state(params, tx)
+  state = training.init_state(params, tx)
   mngr = checkpoints.manager(directory, max_to_keep=1)
   if mngr.latest_step() is not None:
     state = checkpoints.resume(mngr, state, settings, ["dataset", "channels", "features"])
