@@ -17,26 +17,28 @@ from cfg_jax.schedules import Schedule
 EpsApply = Callable[[Any, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
-def _per_example(values: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-  """Reshapes a (B,) array to broadcast against x of shape (B, ...)."""
+def per_example(values: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+  """Reshapes per-example values of shape (B,) to broadcast against x of shape (B, ...).
+
+  The one broadcast helper of the library: samplers and guidance rules use it too."""
   return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
 
 
 def q_sample(schedule: Schedule, x0, t, noise):
   """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε."""
-  abar = _per_example(schedule.alphas_cumprod[t], x0)
+  abar = per_example(schedule.alphas_cumprod[t], x0)
   return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
 
 
 def predict_x0_from_eps(schedule: Schedule, x_t, t, eps):
   """x0 = (x_t − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t)."""
-  abar = _per_example(schedule.alphas_cumprod[t], x_t)
+  abar = per_example(schedule.alphas_cumprod[t], x_t)
   return (x_t - jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(abar)
 
 
 def predict_eps_from_x0(schedule: Schedule, x_t, t, x0):
   """ε = (x_t − sqrt(ᾱ_t)·x0) / sqrt(1 − ᾱ_t)."""
-  abar = _per_example(schedule.alphas_cumprod[t], x_t)
+  abar = per_example(schedule.alphas_cumprod[t], x_t)
   return (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
 
 
@@ -74,5 +76,6 @@ def cfg_loss(
   x_t = q_sample(schedule, x0, t, noise)
   eps = eps_apply(params, x_t, t, y)
   chex.assert_equal_shape([eps, noise])  # a wrong shape would broadcast silently
-  per_example = jnp.mean(jnp.square(eps - noise).reshape(batch, -1), axis=-1)
-  return jnp.mean(per_example), {"per_example_loss": per_example, "t": t, "dropped": dropped}
+  loss_per_example = jnp.mean(jnp.square(eps - noise).reshape(batch, -1), axis=-1)
+  aux = {"per_example_loss": loss_per_example, "t": t, "dropped": dropped}
+  return jnp.mean(loss_per_example), aux
