@@ -17,7 +17,7 @@ _SAMPLES = flags.DEFINE_string("samples", "samples.npz", "The .npz to score.")
 _DATASET = flags.DEFINE_string("dataset", "digits", "Data set the samples imitate.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default ~/tensorflow_datasets).")
 _EVALNET = flags.DEFINE_string("evalnet_dir", None, "Evaluation network; trained there if "
-                               "absent (default runs/evalnet/DATASET).")
+                               "absent (default ~/.cache/cfg_jax/evalnet/DATASET).")
 _JSON = flags.DEFINE_string("json", None, "Output JSON; default SAMPLES.eval.json.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --json.")
 
@@ -26,12 +26,12 @@ def main(argv):
   cli.start(argv)
 
   def run():
-    from cfg_jax import data, generate
+    from cfg_jax import data, io
     from cfg_jax.evaluation import evalnet, evaluate, format_table
 
     out = _JSON.value or os.path.splitext(_SAMPLES.value)[0] + ".eval.json"
-    generate.check_output_free(out, _OVERWRITE.value)
-    samples, labels = generate.read_npz(_SAMPLES.value)
+    io.check_output_free(out, _OVERWRITE.value)
+    samples, labels = io.read_npz(_SAMPLES.value)
     net = evalnet.load_or_train(_DATASET.value, _EVALNET.value, _DATA_DIR.value)
     splits = [data.load_split(_DATASET.value, s, _DATA_DIR.value) for s in ("test", "train")]
     scores = {"samples": _SAMPLES.value, "evalnet_test_accuracy": net.test_accuracy,

@@ -6,7 +6,7 @@
 
 from absl import app, flags
 
-from cfg_jax import cli, generate
+from cfg_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Training workdir to load.")
 _OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz (a .png grid goes beside it).")
@@ -28,9 +28,12 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 
 def main(argv):
   cli.start(argv)
+  from cfg_jax import generate
+
   npz, png = cli.run_or_exit(lambda: generate.sample_to_npz(
       workdir=_WORKDIR.value, out=_OUT.value, num_samples=_NUM_SAMPLES.value,
-      labels=_LABELS.value, guidance_scale=_GUIDANCE.value, method=_METHOD.value,
+      labels=cli.parse_labels(_LABELS.value), guidance_scale=_GUIDANCE.value,
+      method=_METHOD.value,
       num_steps=_NUM_STEPS.value, eta=_ETA.value, seed=_SEED.value, batch_size=_BATCH.value,
       classifier_scale=_CLS_SCALE.value, classifier_workdir=_CLS_WORKDIR.value,
       overwrite=_OVERWRITE.value))

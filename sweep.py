@@ -24,7 +24,7 @@ _STEPS = flags.DEFINE_integer("num_steps", 50, "Denoising steps.")
 _BATCH = flags.DEFINE_integer("batch_size", 500, "Images per compiled sampler call.")
 _OUT = flags.DEFINE_string("out_dir", None, "Output folder; default WORKDIR/sweep.")
 _EVALNET = flags.DEFINE_string("evalnet_dir", None, "Evaluation network; trained there if "
-                               "absent (default runs/evalnet/DATASET).")
+                               "absent (default ~/.cache/cfg_jax/evalnet/DATASET).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing sweep files.")
 
 

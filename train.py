@@ -20,9 +20,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Where checkpoints, met
 
 def main(argv):
   cli.start(argv)
-  from cfg_jax import trainer
+  from cfg_jax.train import job
 
-  cli.run_or_exit(lambda: trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
+  cli.run_or_exit(lambda: job.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":

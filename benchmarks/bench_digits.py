@@ -20,8 +20,10 @@ from absl import app, flags
 from jax.tree_util import Partial
 from ml_collections import config_flags
 
-from cfg_jax import classifier, cli, data, sampling, schedules, trainer, training
-from cfg_jax.models import unet
+from cfg_jax import cli, data, models, sampling, schedules
+from cfg_jax.train import classifier as classifier_training
+from cfg_jax.train import diffusion as diffusion_training
+from cfg_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py"))
@@ -44,16 +46,16 @@ def _timed(fn, repeats):
 
 
 def bench_training(config):
-  mesh = training.data_mesh()
+  mesh = loop.data_mesh()
   spec = data.spec(config.data.name)
-  graphdef, params = trainer.create_unet(config, 0)
-  tx = training.make_optimizer(**config.optimizer)
-  state = training.replicate(training.init_state(params, tx, with_ema=True), mesh)
-  step = training.jit_data_parallel(
-      trainer.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config), mesh)
+  graphdef, params = diffusion_training.create_unet(config, 0)
+  tx = loop.make_optimizer(**config.optimizer)
+  state = loop.replicate(loop.init_state(params, tx, with_ema=True), mesh)
+  step = loop.jit_data_parallel(
+      diffusion_training.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config), mesh)
   rng = np.random.default_rng(0)
   b = config.train.batch_size
-  batch = training.shard_batch({
+  batch = loop.shard_batch({
       "image": rng.uniform(-1, 1, (b, *spec.image_shape)).astype(np.float32),
       "label": rng.integers(0, spec.num_classes, b).astype(np.int32)}, mesh)
   start = time.perf_counter()
@@ -65,7 +67,7 @@ def bench_training(config):
     state, metrics = step(state, batch, jax.random.key(0))
   jax.block_until_ready(metrics)
   seconds = time.perf_counter() - start
-  print(f"UNet parameters:               {unet.count_params(params):,}")
+  print(f"UNet parameters:               {models.count_params(params):,}")
   print(f"train step compile (s):        {compile_s:.1f}")
   print(f"train images/s (batch {b}):    {_TRAIN_STEPS.value * b / seconds:.0f}")
   return graphdef, state.ema_params
@@ -74,9 +76,9 @@ def bench_training(config):
 def bench_sampling(config, graphdef, params):
   spec = data.spec(config.data.name)
   schedule = schedules.from_config(config.diffusion)
-  eps_fn = trainer.eps_function(graphdef, params)
-  cls_graphdef, cls_params = classifier.create_classifier(config, 0)
-  classifier_fn = Partial(unet.classifier_fn, cls_graphdef, cls_params)
+  eps_fn = Partial(models.apply, graphdef, params)
+  cls_graphdef, cls_params = classifier_training.create_classifier(config, 0)
+  classifier_fn = Partial(models.apply, cls_graphdef, cls_params)
   n = _SAMPLE_BATCH.value
   labels = np.arange(n) % spec.num_classes
 

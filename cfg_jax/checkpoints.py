@@ -40,6 +40,29 @@ def restore(mngr, abstract_state, step: Optional[int] = None):
   return restored.state, restored.config
 
 
+def restore_subtree(directory: str, name: str, abstract_tree, step: Optional[int] = None):
+  """Restores only `state.<name>` (e.g. the EMA parameters) into `abstract_tree`.
+
+  A partial restore: the rest of the saved state (optimizer moments, training parameters)
+  is never read, and the target needs only shapes and dtypes (`models.abstract`).
+  """
+  mngr = manager(directory, create=False)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"No checkpoint in {mngr.directory}; train one first with "
+                          "`python train.py --workdir ...`.")
+  target = {name: abstract_tree}
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  except Exception as e:  # Orbax raises many types for a damaged or mismatched checkpoint.
+    raise CheckpointError(f"Cannot read {name} from the checkpoint at step {step} in "
+                          f"{mngr.directory} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}).") from e
+  return jax.tree_util.tree_map(jax.numpy.asarray, restored.state[name])
+
+
 def read_config(directory: str) -> dict:
   """The config saved with the latest checkpoint in `directory`, without the state."""
   if not os.path.isdir(directory):
@@ -69,8 +92,8 @@ def resume(mngr, state, config_dict: dict, keys: Iterable[str]):
   return restore(mngr, abstract(state))[0]
 
 
-def check_compatible(saved: dict, current: dict, keys: Iterable[str]) -> None:
-  """Raises if a config entry that shapes the saved state differs from the current config.
+def config_differences(saved: dict, current: dict, keys: Iterable[str]) -> list[str]:
+  """"name: saved X, now Y" for each config entry under `keys` that differs.
 
   `keys` are dotted paths to sections or fields, e.g. ("data.name", "model").
   """
@@ -90,6 +113,12 @@ def check_compatible(saved: dict, current: dict, keys: Iterable[str]) -> None:
     for name in sorted(set(old) | set(new)):
       if old.get(name) != new.get(name):
         diffs.append(f"{name}: saved {old.get(name)!r}, now {new.get(name)!r}")
+  return diffs
+
+
+def check_compatible(saved: dict, current: dict, keys: Iterable[str]) -> None:
+  """Raises if a config entry that shapes the saved state differs from the current config."""
+  diffs = config_differences(saved, current, keys)
   if diffs:
     raise CheckpointError("The config contradicts the checkpoint it would resume ("
                           + "; ".join(diffs) + "); use a new --workdir or the saved values.")

@@ -1,11 +1,16 @@
-"""What the command-line entry points share: user errors end in one line and exit 2."""
+"""What the command-line entry points share: start-up, flag helpers, and user errors that
+end in one line on stderr with exit status 2."""
+
+from __future__ import annotations
 
 import sys
+from typing import Optional
 
-from cfg_jax import checkpoints, data, training
+from cfg_jax import checkpoints, console, data
+from cfg_jax.train import loop
 
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, checkpoints.CheckpointError,
-               data.DatasetError, training.TrainingError)
+               data.DatasetError, loop.TrainingError)
 
 
 def tune_allocator():
@@ -37,20 +42,14 @@ def floats(values, name):
     raise ValueError(f"--{name} must be comma-separated numbers, got {','.join(values)!r}.")
 
 
-def setup_logging():
-  """INFO logs for this project; Orbax's INFO chatter is dropped."""
-  import logging
-
-  from absl import logging as absl_logging
-
-  absl_logging.set_verbosity(absl_logging.INFO)
-
-  class _DropLibraryInfo(logging.Filter):
-    def filter(self, record):
-      return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-
-  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
-    handler.addFilter(_DropLibraryInfo())
+def parse_labels(text: Optional[str]) -> Optional[list[int]]:
+  """"3,5" → [3, 5]; empty or None → None (balanced over all classes)."""
+  if not text:
+    return None
+  try:
+    return [int(v) for v in text.split(",")]
+  except ValueError:
+    raise ValueError(f"--labels must be comma-separated integers, got {text!r}.") from None
 
 
 def parse_flags_or_exit(argv):
@@ -65,12 +64,13 @@ def parse_flags_or_exit(argv):
 
 
 def start(argv):
-  """What every entry point does first: reject stray arguments, set up logs and memory."""
-  from absl import app
+  """What every entry point does first: reject stray arguments, quiet the console (details
+  with --verbosity=1), and keep freed memory in the heap."""
+  from absl import app, flags
 
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  setup_logging()
+  console.setup(verbose=flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1)
   tune_allocator()
 
 

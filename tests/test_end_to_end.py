@@ -50,7 +50,7 @@ def test_resume_and_contradicting_config(workdir):
   result = run("train.py", *TINY, "--workdir", workdir, "--config.train.num_steps=6",
                "--config.classifier.num_steps=0")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "Resuming the diffusion model from step 4" in result.stderr
+  assert "Resuming diffusion from step 4" in result.stderr
   assert "6" in os.listdir(workdir / "checkpoints")
   before = sorted(os.listdir(workdir / "checkpoints"))
   result = run("train.py", *TINY, "--workdir", workdir, "--config.model.base_channels=16")
@@ -115,10 +115,10 @@ def test_evaluate_and_sweep(workdir, tmp_path):
     sweep.run_sweep(workdir=str(workdir), guidance_scales=(1.0,), out_dir=str(tmp_path / "sweep"))
   # evaluate.py scores any .npz in the evaluator's layout.
   samples = tmp_path / "real.npz"
-  from cfg_jax import data, images
+  from cfg_jax import data, io
 
   test = data.load_split("digits", "test")
-  np.savez(samples, arr_0=images.to_uint8(test.images[:100]), arr_1=test.labels[:100])
+  np.savez(samples, arr_0=io.to_uint8(test.images[:100]), arr_1=test.labels[:100])
   result = run("evaluate.py", "--samples", samples, "--evalnet_dir", evalnet_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   scores = json.load(open(tmp_path / "real.eval.json"))

@@ -4,6 +4,7 @@ import numpy as np
 import ml_collections
 from flax import nnx
 
+from cfg_jax import models
 from cfg_jax.models import unet
 
 CONFIG = ml_collections.ConfigDict(dict(
@@ -19,12 +20,12 @@ def _perturbed(params, seed=0):
 
 
 def test_unet_shapes_null_label_and_dropout():
-  graphdef, params = unet.split_params(unet.UNet(CONFIG, rngs=nnx.Rngs(0)))
+  graphdef, params = models.split_params(unet.UNet(CONFIG, rngs=nnx.Rngs(0)))
   assert params["class_embed"]["embedding"].shape[0] == 11  # ten classes + the null label
   params = _perturbed(params)
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
   t = jnp.array([0, 500, 999])
-  apply = jax.jit(unet.eps_fn, static_argnums=0)
+  apply = jax.jit(models.apply, static_argnums=0)
   cond = apply(graphdef, params, x, t, jnp.array([1, 2, 3]))
   null = apply(graphdef, params, x, t, jnp.array([10, 10, 10]))
   assert cond.shape == x.shape and bool(jnp.all(jnp.isfinite(cond)))
@@ -32,14 +33,14 @@ def test_unet_shapes_null_label_and_dropout():
   model = nnx.merge(graphdef, params)
   same = [model(x, t, jnp.array([1, 2, 3])) for _ in range(2)]
   np.testing.assert_array_equal(same[0], same[1])
-  dropped = model(x, t, jnp.array([1, 2, 3]), dropout_rng=jax.random.key(2))
+  dropped = model(x, t, jnp.array([1, 2, 3]), dropout_key=jax.random.key(2))
   assert float(jnp.max(jnp.abs(dropped - same[0]))) > 1e-4
 
 
 def test_noisy_classifier_logits():
-  graphdef, params = unet.split_params(unet.NoisyClassifier(CONFIG, rngs=nnx.Rngs(0)))
+  graphdef, params = models.split_params(unet.NoisyClassifier(CONFIG, rngs=nnx.Rngs(0)))
   assert "class_embed" not in params
-  logits = unet.classifier_fn(graphdef, params, jnp.zeros((5, 8, 8, 1)), jnp.arange(5) * 100)
+  logits = models.apply(graphdef, params, jnp.zeros((5, 8, 8, 1)), jnp.arange(5) * 100)
   assert logits.shape == (5, 10)
 
 
@@ -52,12 +53,20 @@ def test_timestep_embedding_matches_guided_diffusion():
 
 def test_catalog_config_builds_a_matching_unet():
   """configs/mnist.py (not trained here: it needs a download) gives 28×28 shapes."""
-  from cfg_jax import trainer
   from configs import mnist
 
   config = mnist.get_config()
-  graphdef, params = trainer.create_unet(config, 0)
-  out = jax.eval_shape(lambda p: unet.eps_fn(graphdef, p, jnp.zeros((2, 28, 28, 1)),
+  graphdef, params = models.abstract(unet.UNet, models.model_config(config))
+  out = jax.eval_shape(lambda p: models.apply(graphdef, p, jnp.zeros((2, 28, 28, 1)),
                                              jnp.zeros((2,), jnp.int32),
                                              jnp.full((2,), 10)), params)
   assert out.shape == (2, 28, 28, 1)
+
+
+def test_abstract_model_has_the_structure_of_an_initialised_one():
+  """`models.abstract` (the restore target) allocates nothing, yet matches a real init."""
+  _, real = models.create(unet.UNet, CONFIG, seed=0)
+  _, abstract = models.abstract(unet.UNet, CONFIG)
+  assert jax.tree_util.tree_structure(real) == jax.tree_util.tree_structure(abstract)
+  for a, r in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(real)):
+    assert isinstance(a, jax.ShapeDtypeStruct) and (a.shape, a.dtype) == (r.shape, r.dtype)

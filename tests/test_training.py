@@ -3,19 +3,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfg_jax import data, schedules, trainer, training
+from cfg_jax import data, models, schedules
+from cfg_jax.train import diffusion as diffusion_training
+from cfg_jax.train import loop
 
 
 def _run_steps(config, split, devices, num_steps=3):
-  mesh = training.data_mesh(devices)
-  graphdef, params = trainer.create_unet(config, 0)
-  tx = training.make_optimizer(**config.optimizer)
-  state = training.replicate(training.init_state(params, tx, with_ema=True), mesh)
-  step = training.jit_data_parallel(
-      trainer.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config), mesh)
+  mesh = loop.data_mesh(devices)
+  graphdef, params = diffusion_training.create_unet(config, 0)
+  tx = loop.make_optimizer(**config.optimizer)
+  state = loop.replicate(loop.init_state(params, tx, with_ema=True), mesh)
+  step = loop.jit_data_parallel(
+      diffusion_training.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config), mesh)
   losses = []
   for batch in [b for _, b in zip(range(num_steps), data.batches(split, 16, seed=0))]:
-    state, metrics = step(state, training.shard_batch(batch, mesh), jax.random.key(0))
+    state, metrics = step(state, loop.shard_batch(batch, mesh), jax.random.key(0))
     losses.append(float(metrics["loss"]))
   return jax.device_get(state), losses
 
@@ -29,7 +31,7 @@ def test_eight_devices_match_one(tiny_config, digits_train):
                          one.params, eight.params)
   assert int(eight.step) == 3
   # The EMA moved towards the new parameters, but not all the way.
-  _, init = trainer.create_unet(tiny_config, 0)
+  _, init = diffusion_training.create_unet(tiny_config, 0)
   leaf = lambda tree: np.asarray(tree["encoder"]["input_conv"]["kernel"])
   assert 0 < np.abs(leaf(eight.ema_params) - leaf(init)).max() < np.abs(
       leaf(eight.params) - leaf(init)).max()
@@ -44,30 +46,30 @@ def test_training_is_deterministic(tiny_config, digits_train):
 
 def test_batch_size_must_divide_over_devices(tiny_config):
   with pytest.raises(ValueError, match="divisible by the 8 devices"):
-    training.check_batch_size(12, training.data_mesh())
+    loop.check_batch_size(12, loop.data_mesh())
 
 
 def test_ema_update_warmup():
-  ema = training.ema_update({"w": jnp.zeros(())}, {"w": jnp.ones(())}, step=0, decay=0.999)
+  ema = loop.ema_update({"w": jnp.zeros(())}, {"w": jnp.ones(())}, step=0, decay=0.999)
   assert float(ema["w"]) == pytest.approx(1 - 0.1)  # (1 + 0) / (10 + 0) kept of the old
 
 
 def test_nan_loss_stops_training_before_a_checkpoint(tmp_path, digits_train):
   from cfg_jax import checkpoints
 
-  mesh = training.data_mesh(jax.devices()[:1])
-  state = training.TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(())}, None, ())
+  mesh = loop.data_mesh(jax.devices()[:1])
+  state = loop.TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(())}, None, ())
 
   def diverging_step(state, batch, rng):
     loss = jnp.where(state.step >= 2, jnp.nan, 1.0)
     return state.replace(step=state.step + 1), {"loss": loss}
 
   mngr = checkpoints.manager(str(tmp_path / "ckpt"))
-  writer = training.MetricWriter(str(tmp_path), "test")
-  with pytest.raises(training.TrainingError, match="non-finite metrics.*at step 3; lower the"):
-    training.fit(state=state, train_step=jax.jit(diverging_step), mesh=mesh,
-                 batches=data.batches(digits_train, 8, 0), rng=jax.random.key(0), num_steps=10,
-                 manager=mngr, config_dict={}, writer=writer, log_every=1, checkpoint_every=2,
-                 batch_size=8, description="test")
+  writer = loop.MetricWriter(str(tmp_path), "test")
+  with pytest.raises(loop.TrainingError, match="non-finite metrics.*at step 3; lower the"):
+    loop.run_loop(state=state, train_step=jax.jit(diverging_step), mesh=mesh,
+                  batches=data.batches(digits_train, 8, 0), key=jax.random.key(0), num_steps=10,
+                  manager=mngr, config_dict={}, writer=writer, log_every=1, checkpoint_every=2,
+                  batch_size=8, description="test")
   mngr.wait_until_finished()
   assert mngr.all_steps() == [2]  # the good step-2 checkpoint survives; no NaN state saved

@@ -7,11 +7,15 @@ config asks for it (`data.download=True`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
+import sys
 from typing import Iterator, Optional
 
 import numpy as np
+from absl import logging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +68,13 @@ def load_split(name: str, split: str, data_dir: Optional[str] = None,
       raise DatasetError(
           f"Data set {name!r} is not prepared in {data_dir}; run once with network and "
           f"--config.data.download=True, or point --config.data.data_dir at a prepared copy.")
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    # TFDS prints its preparation banner to stdout; for the embedded set it is only noise.
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter if dataset.embedded else sys.stdout):
+      builder.download_and_prepare(
+          file_format="array_record",
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    logging.info("Prepared %s in %s. %s", name, data_dir, chatter.getvalue().strip())
   source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   records = source.__getitems__(range(len(source)))
   images = np.stack([np.asarray(r["image"]) for r in records]).astype(np.float32)

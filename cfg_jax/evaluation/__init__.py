@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cfg_jax import data, images
+from cfg_jax import data, io
 from cfg_jax.evaluation import metrics
 
 METRIC_NAMES = ("accuracy", "fid", "inception_score", "precision", "recall", "memorization")
@@ -23,7 +23,7 @@ def evaluate(samples: np.ndarray, labels: np.ndarray, evalnet, test: data.Split,
     raise ValueError(f"Samples have shape {samples.shape[1:]}, but {evalnet.dataset} images "
                      f"are {spec.image_shape}.")
   logits, features = evalnet(samples)
-  _, real_features = evalnet(images.to_uint8(test.images))
+  _, real_features = evalnet(io.to_uint8(test.images))
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   n = min(len(samples), len(real_features))
@@ -35,7 +35,7 @@ def evaluate(samples: np.ndarray, labels: np.ndarray, evalnet, test: data.Split,
       "inception_score": metrics.inception_score(probs),
       "precision": precision,
       "recall": recall,
-      "memorization": metrics.memorization(images.from_uint8(samples), train.images, test.images),
+      "memorization": metrics.memorization(io.from_uint8(samples), train.images, test.images),
   }
 
 

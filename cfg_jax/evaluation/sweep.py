@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 from typing import Optional, Sequence
 
 import jax
-import numpy as np
+from absl import logging
 
-from cfg_jax import classifier, data, generate, schedules, trainer
+from cfg_jax import data, generate, io, pipeline
 from cfg_jax.evaluation import METRIC_NAMES, evalnet as evalnet_lib, evaluate, format_table
 
 FILES = ("sweep.json", "sweep.csv", "sweep.png")
@@ -31,28 +30,25 @@ def run_sweep(*, workdir: str, guidance_scales: Sequence[float] = (),
 
   out_dir = out_dir or os.path.join(workdir, "sweep")
   for name in FILES:
-    generate.check_output_free(os.path.join(out_dir, name), overwrite)
+    io.check_output_free(os.path.join(out_dir, name), overwrite)
   if not guidance_scales and not classifier_scales:
     raise ValueError("Give at least one --guidance_scales or --classifier_scales value.")
-  eps_fn, config = trainer.load_diffusion(workdir)
-  spec = data.spec(config.data.name)
+  model = pipeline.load(workdir)
+  config = model.config
+  if classifier_scales and model.classifier_fn is None:
+    raise ValueError(f"--classifier_scales needs a noisy classifier, but {workdir} has none.")
   data_dir = config.data.data_dir or None
   net = evalnet_lib.load_or_train(config.data.name, evalnet_dir, data_dir)
   test, train = (data.load_split(config.data.name, s, data_dir) for s in ("test", "train"))
-  labels = np.arange(num_samples) % spec.num_classes
+  labels = generate.balanced_labels(num_samples, model.num_classes)
   runs = [("classifier-free", float(g), dict(guidance_scale=float(g))) for g in guidance_scales]
-  if classifier_scales:
-    classifier_fn, _ = classifier.load_classifier(workdir)
-    runs += [("classifier", float(s), dict(guidance_scale=classifier_base_guidance,
-                                           classifier_fn=classifier_fn,
-                                           classifier_scale=float(s)))
-             for s in classifier_scales]
+  runs += [("classifier", float(s), dict(guidance_scale=classifier_base_guidance,
+                                         classifier_scale=float(s)))
+           for s in classifier_scales]
   rows = []
   for kind, scale, kwargs in tqdm(runs, desc="sweep", unit="scale"):
-    samples = generate.generate(
-        jax.random.key(seed), eps_fn, schedules.from_config(config.diffusion), labels,
-        image_shape=spec.image_shape, num_classes=spec.num_classes, batch_size=batch_size,
-        method=method, num_steps=num_steps, **kwargs)
+    samples = generate.generate(jax.random.key(seed), model, labels, batch_size=batch_size,
+                                method=method, num_steps=num_steps, **kwargs)
     row = {"guidance": kind, "scale": scale,
            **evaluate(samples, labels, net, test, train)}
     rows.append(row)

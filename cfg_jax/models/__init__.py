@@ -1,6 +1,17 @@
-"""Network definitions (Flax NNX)."""
+"""Every network of the project (Flax NNX), and how they become pure functions.
 
+`unet` holds the ε-network and the noisy classifier, `evalnet` the evaluation network.
+A model is used as `(graphdef, params)`: `params` is a plain nested dict of arrays (what
+optimizers, EMA and checkpoints see) and `apply(graphdef, params, *inputs)` runs it, so
+`jax.tree_util.Partial(apply, graphdef, params)` is an ε-function whose parameters stay
+traced (a new checkpoint never recompiles the sampler).
+"""
+
+from __future__ import annotations
+
+import jax
 import ml_collections
+from flax import nnx
 
 from cfg_jax import data
 
@@ -13,3 +24,31 @@ def model_config(config, section=None) -> ml_collections.ConfigDict:
   out.image_shape = spec.image_shape
   out.num_classes = spec.num_classes
   return out
+
+
+def split_params(model: nnx.Module):
+  """(graphdef, params as a plain nested dict) of a model that holds only parameters."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, nnx.to_pure_dict(params)
+
+
+def create(model_cls, *args, seed: int):
+  """A freshly initialised model as (graphdef, params)."""
+  return split_params(model_cls(*args, rngs=nnx.Rngs(seed)))
+
+
+def abstract(model_cls, *args):
+  """(graphdef, params of jax.ShapeDtypeStruct): the structure without initialising.
+
+  The restore target of a checkpoint: no random init, no memory for weights.
+  """
+  return split_params(nnx.eval_shape(lambda: model_cls(*args, rngs=nnx.Rngs(0))))
+
+
+def apply(graphdef, params, *inputs, **kwargs):
+  """Runs the model `(graphdef, params)` as a pure function of its parameters."""
+  return nnx.merge(graphdef, params)(*inputs, **kwargs)
+
+
+def count_params(params) -> int:
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

@@ -3,7 +3,7 @@
 Residual blocks with GroupNorm and scale-shift conditioning on the (time + class)
 embedding, sinusoidal timestep features, self-attention at chosen resolutions, dropout.
 The class embedding has num_classes + 1 rows: the last one is the null label ∅.
-Dropout takes an explicit key (`dropout_rng`); without one the model is deterministic.
+Dropout takes an explicit key (`dropout_key`); without one the model is deterministic.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def dropout(x, rate: float, rng):
-  if rng is None or rate == 0.0:
+def dropout(x, rate: float, key):
+  """Inverted dropout with an explicit key; the identity without one (at sampling)."""
+  if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
@@ -47,11 +48,11 @@ class ResBlock(nnx.Module):
     self.skip = nnx.Conv(in_ch, out_ch, (1, 1), rngs=rngs) if in_ch != out_ch else None
     self.dropout_rate = dropout_rate
 
-  def __call__(self, x, emb, dropout_rng=None):
+  def __call__(self, x, emb, dropout_key=None):
     h = self.conv1(nnx.silu(self.norm1(x)))
     scale, shift = jnp.split(self.emb(nnx.silu(emb))[:, None, None, :], 2, axis=-1)
     h = self.norm2(h) * (1 + scale) + shift
-    h = self.conv2(dropout(nnx.silu(h), self.dropout_rate, dropout_rng))
+    h = self.conv2(dropout(nnx.silu(h), self.dropout_rate, dropout_key))
     return (x if self.skip is None else self.skip(x)) + h
 
 
@@ -105,7 +106,7 @@ class Level(nnx.Module):
     ]) if attention else None
 
 
-def _rng(key, index):
+def _fold(key, index):
   return None if key is None else jax.random.fold_in(key, index)
 
 
@@ -137,22 +138,22 @@ class _Encoder(nnx.Module):
     self.mid_attn = SelfAttention(in_ch, config.num_heads, config.num_groups, rngs=rngs)
     self.mid2 = ResBlock(in_ch, in_ch, emb_dim, config.dropout, config.num_groups, rngs=rngs)
 
-  def __call__(self, x, emb, dropout_rng):
+  def __call__(self, x, emb, dropout_key):
     h = self.input_conv(x)
     skips = [h]
     n = 0
     for level, down in zip(self.levels, self.downs):
       for j, block in enumerate(level.blocks):
-        h = block(h, emb, _rng(dropout_rng, n := n + 1))
+        h = block(h, emb, _fold(dropout_key, n := n + 1))
         if level.attns is not None:
           h = level.attns[j](h)
         skips.append(h)
       if down is not None:
         h = down(h)
         skips.append(h)
-    h = self.mid1(h, emb, _rng(dropout_rng, n := n + 1))
+    h = self.mid1(h, emb, _fold(dropout_key, n := n + 1))
     h = self.mid_attn(h)
-    h = self.mid2(h, emb, _rng(dropout_rng, n := n + 1))
+    h = self.mid2(h, emb, _fold(dropout_key, n := n + 1))
     return h, skips
 
 
@@ -195,13 +196,13 @@ class UNet(nnx.Module):
     self.out_conv = nnx.Conv(in_ch, config.image_shape[-1], (3, 3),
                              kernel_init=nnx.initializers.zeros, rngs=rngs)
 
-  def __call__(self, x, t, y, *, dropout_rng=None):
+  def __call__(self, x, t, y, *, dropout_key=None):
     emb = self.time_embed(t) + self.class_embed(y)
-    h, skips = self.encoder(x, emb, dropout_rng)
+    h, skips = self.encoder(x, emb, dropout_key)
     n = 100  # dropout keys of the decoder, apart from the encoder's
     for level, up in zip(self.up_levels, self.ups):
       for j, block in enumerate(level.blocks):
-        h = block(jnp.concatenate([h, skips.pop()], axis=-1), emb, _rng(dropout_rng, n := n + 1))
+        h = block(jnp.concatenate([h, skips.pop()], axis=-1), emb, _fold(dropout_key, n := n + 1))
         if level.attns is not None:
           h = level.attns[j](h)
       if up is not None:
@@ -220,25 +221,6 @@ class NoisyClassifier(nnx.Module):
     self.out_norm = _norm(self.encoder.out_channels, config.num_groups, rngs)
     self.head = nnx.Linear(self.encoder.out_channels, config.num_classes, rngs=rngs)
 
-  def __call__(self, x, t, *, dropout_rng=None):
-    h, _ = self.encoder(x, self.time_embed(t), dropout_rng)
+  def __call__(self, x, t, *, dropout_key=None):
+    h, _ = self.encoder(x, self.time_embed(t), dropout_key)
     return self.head(jnp.mean(nnx.silu(self.out_norm(h)), axis=(1, 2)))
-
-
-def eps_fn(graphdef, params, x, t, y):
-  """The UNet as a pure function of its parameters, for `jax.tree_util.Partial`."""
-  return nnx.merge(graphdef, params)(x, t, y)
-
-
-def classifier_fn(graphdef, params, x, t):
-  return nnx.merge(graphdef, params)(x, t)
-
-
-def split_params(model: nnx.Module):
-  """(graphdef, params as a plain nested dict) of a model that holds only parameters."""
-  graphdef, params = nnx.split(model, nnx.Param)
-  return graphdef, nnx.to_pure_dict(params)
-
-
-def count_params(params) -> int:
-  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

@@ -1,12 +1,17 @@
-"""Pieces shared by every trainer here: the state pytree, the optimizer, data-parallel
-placement, and one training loop with logging, NaN checks and Orbax checkpoints."""
+"""What every trainer here shares: the state pytree with its update, the optimizer, the
+EMA, data-parallel placement, and one training loop with metrics, NaN checks and Orbax
+checkpoints.
+
+A trainer supplies only `loss_fn(params, batch, key) -> (loss, metrics)`;
+`make_train_step` turns it into the jittable `train_step(state, batch, key)`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import flax.struct
 import jax
@@ -15,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cfg_jax import checkpoints
+from cfg_jax import checkpoints, console, data
 
 
 class TrainingError(RuntimeError):
@@ -24,16 +29,48 @@ class TrainingError(RuntimeError):
 
 @flax.struct.dataclass
 class TrainState:
+  """One pytree (vdm's layout): `step, params, ema_params, opt_state`."""
+
   step: jnp.ndarray
   params: Any
   ema_params: Any  # None when the trainer keeps no EMA
   opt_state: Any
+
+  def apply_gradients(self, grads, tx: optax.GradientTransformation,
+                      ema_decay: Optional[float] = None) -> "TrainState":
+    """One optimizer step, then the EMA of the new parameters (when the state keeps one)."""
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    ema_params = self.ema_params
+    if ema_params is not None:
+      ema_params = ema_update(ema_params, params, self.step, ema_decay)
+    return TrainState(self.step + 1, params, ema_params, opt_state)
 
 
 def init_state(params, tx, with_ema: bool = False) -> TrainState:
   """Step 0; the EMA copy gets its own buffers, since train steps donate the state."""
   ema_params = jax.tree_util.tree_map(jnp.copy, params) if with_ema else None
   return TrainState(jnp.zeros((), jnp.int32), params, ema_params, tx.init(params))
+
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def make_train_step(loss_fn: LossFn, tx, ema_decay: Optional[float] = None):
+  """The one update step of every trainer: `train_step(state, batch, key) -> (state, metrics)`.
+
+  `loss_fn(params, batch, key) -> (loss, metrics)` gets a key folded with the step, so
+  each step's randomness is a function of (key, step) and resumed runs repeat it exactly.
+  """
+
+  def train_step(state: TrainState, batch: dict, key):
+    step_key = jax.random.fold_in(key, state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
+                                                                       step_key)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
+    return state.apply_gradients(grads, tx, ema_decay), metrics
+
+  return train_step
 
 
 def make_optimizer(learning_rate, warmup_steps, weight_decay, grad_clip_norm=1.0, b1=0.9,
@@ -83,7 +120,7 @@ def shard_batch(batch: dict, mesh) -> dict:
 
 
 def jit_data_parallel(step_fn, mesh):
-  """Jits `step_fn(state, batch, rng) -> (state, metrics)`: state replicated, batch sharded."""
+  """Jits `step_fn(state, batch, key) -> (state, metrics)`: state replicated, batch sharded."""
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   return jax.jit(step_fn, in_shardings=(replicated, sharded, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
@@ -119,14 +156,69 @@ class MetricWriter:
 
 def fit(
     *,
+    description: str,
+    loss_fn: LossFn,
+    params,
+    tx: optax.GradientTransformation,
+    split: data.Split,
+    seed: int,
+    batch_size: int,
+    num_steps: int,
+    workdir: str,
+    config=None,
+    checkpoint_dir: Optional[str] = None,
+    state_sections: Sequence[str] = (),
+    ema_decay: Optional[float] = None,
+    log_every: Optional[int] = None,
+    checkpoint_every: Optional[int] = None,
+    mesh=None,
+) -> TrainState:
+  """Trains `params` with `loss_fn` on `split` to `num_steps`; the final TrainState.
+
+  The step key and the batch order both derive from `seed` and the step, so a resumed run
+  repeats an uninterrupted one exactly. With `checkpoint_dir`, training resumes from its
+  latest checkpoint (after `state_sections` of `config` are checked against the saved
+  config) and saves every `checkpoint_every` steps and at the end; `log_every`,
+  `checkpoint_every` and the number kept default to `config.train`'s.
+  """
+  mesh = mesh or data_mesh()
+  check_batch_size(batch_size, mesh)
+  if config is not None:
+    log_every = log_every or config.train.log_every
+    checkpoint_every = checkpoint_every or config.train.checkpoint_every
+  state = init_state(params, tx, with_ema=ema_decay is not None)
+  mngr = None
+  if checkpoint_dir is not None:
+    mngr = checkpoints.manager(checkpoint_dir, config.train.max_checkpoints_to_keep)
+    state = checkpoints.resume(mngr, state, config.to_dict(), state_sections)
+    if int(state.step):
+      console.say(f"Resuming {description} from step {int(state.step)}.")
+  train_step = jit_data_parallel(make_train_step(loss_fn, tx, ema_decay), mesh)
+  writer = MetricWriter(workdir, description)
+  try:
+    return run_loop(
+        state=replicate(state, mesh), train_step=train_step,
+        batches=data.batches(split, batch_size, seed, int(state.step)), mesh=mesh,
+        key=jax.random.key(seed), num_steps=num_steps, manager=mngr,
+        config_dict=None if config is None else config.to_dict(), writer=writer,
+        log_every=log_every, checkpoint_every=checkpoint_every or num_steps,
+        batch_size=batch_size, description=description)
+  finally:
+    if mngr is not None:
+      mngr.wait_until_finished()
+    writer.close()
+
+
+def run_loop(
+    *,
     state: TrainState,
     train_step: Callable,
     batches: Iterator[dict],
     mesh,
-    rng,
+    key,
     num_steps: int,
     manager,
-    config_dict: dict,
+    config_dict: Optional[dict],
     writer: MetricWriter,
     log_every: int,
     checkpoint_every: int,
@@ -145,7 +237,7 @@ def fit(
              disable=start >= num_steps)
   last_time, last_step = time.perf_counter(), start
   for step in range(start, num_steps):
-    state, metrics = train_step(state, shard_batch(next(batches), mesh), rng)
+    state, metrics = train_step(state, shard_batch(next(batches), mesh), key)
     done = step + 1
     if done % log_every == 0 or done % checkpoint_every == 0 or done == num_steps:
       metrics = jax.device_get(metrics)

@@ -1,0 +1,101 @@
+"""Files a person or another tool reads: uint8 pictures, PNG grids and `.npz` sample sets in
+guided-diffusion's evaluator layout (`arr_0` uint8 NHWC images, `arr_1` labels).
+
+Every write goes to a temporary file in the target folder and is renamed into place, so a
+failure never leaves a half-written file, and nothing existing is replaced unless asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import numpy as np
+
+
+def to_uint8(images) -> np.ndarray:
+  """[−1, 1] floats → uint8 0..255, as guided-diffusion's sampler writes them."""
+  images = np.asarray(images, np.float32)
+  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(images) -> np.ndarray:
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+def grid(images: np.ndarray, num_rows: int, pad: int = 1) -> np.ndarray:
+  """(N, H, W, C) uint8 → one (rows·(H+pad)+pad, cols·(W+pad)+pad, C) image, row-major."""
+  n, h, w, c = images.shape
+  cols = -(-n // num_rows)
+  out = np.full((num_rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    top, left = (pad + k * (size + pad) for k, size in zip(divmod(i, cols), (h, w)))
+    out[top:top + h, left:left + w] = image
+  return out
+
+
+def check_output_free(path: str, overwrite: bool) -> None:
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} exists; pass --overwrite to replace it or choose another "
+                          "output path.")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ""):
+  """Yields a temporary path beside `path`, renamed onto it if the block succeeds."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=suffix, dir=directory, prefix=".tmp-")
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def save_grid(path: str, images: np.ndarray, num_rows: int, scale: int = 4) -> str:
+  """Writes a PNG grid, each pixel scaled up `scale`× so small images stay visible."""
+  from PIL import Image
+
+  picture = grid(images, num_rows)
+  picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
+  with atomic_path(path, ".png") as tmp:
+    Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(tmp, "PNG")
+  return path
+
+
+def write_npz(path: str, samples: np.ndarray, labels: np.ndarray, overwrite: bool = False) -> str:
+  check_output_free(path, overwrite)
+  with atomic_path(path, ".npz") as tmp:
+    np.savez(tmp, arr_0=samples, arr_1=np.asarray(labels))
+  return path
+
+
+def grid_path_beside(npz_path: str) -> str:
+  return os.path.splitext(npz_path)[0] + ".png"
+
+
+def save_grid_beside(npz_path: str, samples: np.ndarray, labels: np.ndarray) -> str:
+  """A PNG next to the .npz, images sorted by label."""
+  order = np.argsort(labels, kind="stable")
+  return save_grid(grid_path_beside(npz_path), samples[order],
+                   num_rows=int(np.ceil(np.sqrt(len(labels)))))
+
+
+def read_npz(path: str):
+  """(uint8 NHWC images, labels) from a guided-diffusion-style .npz."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No sample file {path}; write one with sample.py first.")
+  try:
+    with np.load(path) as f:
+      samples, labels = f["arr_0"], f["arr_1"]
+  except (KeyError, ValueError, OSError) as e:
+    raise ValueError(f"{path} is not an .npz with arr_0 (uint8 NHWC images) and arr_1 "
+                     f"(labels) ({type(e).__name__}).") from None
+  if samples.ndim != 4 or len(samples) != len(labels):
+    raise ValueError(f"{path}: arr_0 must be NHWC with one label per image in arr_1, got "
+                     f"{samples.shape} and {labels.shape}.")
+  return samples, labels.astype(np.int64)
