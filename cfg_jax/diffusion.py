@@ -42,9 +42,9 @@ def predict_eps_from_x0(schedule: Schedule, x_t, t, x0):
   return (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
 
 
-def drop_labels(rng, labels, p_uncond, null_label):
+def drop_labels(key, labels, p_uncond, null_label):
   """Replaces each label by `null_label` with probability `p_uncond` (conditioning dropout)."""
-  drop = jax.random.bernoulli(rng, p_uncond, labels.shape)
+  drop = jax.random.bernoulli(key, p_uncond, labels.shape)
   return jnp.where(drop, null_label, labels), drop
 
 
@@ -54,25 +54,25 @@ def cfg_loss(
     schedule: Schedule,
     x0,
     labels,
-    rng,
+    key,
     *,
     p_uncond: float,
     null_label: int,
 ):
   """Algorithm 1 of Ho & Salimans (2021): the ε-MSE with conditioning dropout.
 
-  Draws t ~ U{0..T-1}, ε ~ N(0, I) and the label drop from `rng`, so one network
+  Draws t ~ U{0..T-1}, ε ~ N(0, I) and the label drop from `key`, so one network
   learns both ε(x_t, t, y) and ε(x_t, t, ∅).
 
   Returns:
     (loss, aux): the mean squared ε error, and a dict with the per-example loss,
     the timesteps and the dropped-label mask, for logging.
   """
-  t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+  t_key, noise_key, drop_key = jax.random.split(key, 3)
   batch = x0.shape[0]
-  t = jax.random.randint(t_rng, (batch,), 0, schedule.num_timesteps)
-  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-  y, dropped = drop_labels(drop_rng, labels, p_uncond, null_label)
+  t = jax.random.randint(t_key, (batch,), 0, schedule.num_timesteps)
+  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+  y, dropped = drop_labels(drop_key, labels, p_uncond, null_label)
   x_t = q_sample(schedule, x0, t, noise)
   eps = eps_apply(params, x_t, t, y)
   chex.assert_equal_shape([eps, noise])  # a wrong shape would broadcast silently

@@ -29,3 +29,14 @@ def tiny_config():
   from configs import digits_tiny
 
   return digits_tiny.get_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+  """A workdir trained by `train.py` on the tiny config (diffusion model and classifier)."""
+  work = tmp_path_factory.mktemp("e2e") / "run"
+  from tests.helpers import TINY_CONFIG, run_cli
+
+  result = run_cli("train.py", "--config", TINY_CONFIG, "--workdir", work)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return work

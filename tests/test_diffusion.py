@@ -41,7 +41,7 @@ def test_loss_is_zero_for_the_exact_eps_and_sees_the_dropped_labels():
     return (x_t - jnp.sqrt(abar) * params) / jnp.sqrt(1 - abar)
 
   loss, aux = jax.jit(
-      lambda p, rng: diffusion.cfg_loss(p, exact_eps, s, c, jnp.full((64,), 3), rng,
+      lambda p, key: diffusion.cfg_loss(p, exact_eps, s, c, jnp.full((64,), 3), key,
                                         p_uncond=0.5, null_label=10)
   )(0.5, jax.random.key(1))
   assert float(loss) < 1e-6

@@ -2,35 +2,19 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config", os.path.join(REPO, "configs", "digits_tiny.py")]
+from tests.helpers import TINY_CONFIG, assert_one_line_error, run_cli as run
 
-
-def run(*args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device is enough
-  return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                        cwd=REPO, env=env, timeout=600)
-
-
-def assert_one_line_error(result, text):
-  assert result.returncode == 2, result.stderr[-3000:]
-  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1 and text in lines[0], result.stderr[-3000:]
-  assert "Traceback" not in result.stderr
+TINY = ["--config", TINY_CONFIG]
+pytestmark = pytest.mark.slow  # trains the tiny config through the CLI
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  work = tmp_path_factory.mktemp("e2e") / "run"
-  result = run("train.py", *TINY, "--workdir", work)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return work
+def workdir(tiny_workdir):
+  return tiny_workdir
 
 
 def test_training_writes_checkpoints_metrics_and_grids(workdir):

@@ -60,7 +60,7 @@ def test_nan_loss_stops_training_before_a_checkpoint(tmp_path, digits_train):
   mesh = loop.data_mesh(jax.devices()[:1])
   state = loop.TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(())}, None, ())
 
-  def diverging_step(state, batch, rng):
+  def diverging_step(state, batch, key):
     loss = jnp.where(state.step >= 2, jnp.nan, 1.0)
     return state.replace(step=state.step + 1), {"loss": loss}
 
@@ -73,3 +73,20 @@ def test_nan_loss_stops_training_before_a_checkpoint(tmp_path, digits_train):
                   batch_size=8, description="test")
   mngr.wait_until_finished()
   assert mngr.all_steps() == [2]  # the good step-2 checkpoint survives; no NaN state saved
+
+
+def test_train_step_traces_once(tiny_config, digits_train):
+  """Steps after the first reuse the compiled step: no silent retrace per step."""
+  import chex
+
+  mesh = loop.data_mesh(jax.devices()[:1])
+  graphdef, params = diffusion_training.create_unet(tiny_config, 0)
+  tx = loop.make_optimizer(**tiny_config.optimizer)
+  step_fn = diffusion_training.make_train_step(
+      graphdef, tx, schedules.from_config(tiny_config.diffusion), tiny_config)
+  chex.clear_trace_counter()
+  step = loop.jit_data_parallel(chex.assert_max_traces(step_fn, n=1), mesh)
+  state = loop.replicate(loop.init_state(params, tx, with_ema=True), mesh)
+  for batch in [b for _, b in zip(range(3), data.batches(digits_train, 16, seed=0))]:
+    state, _ = step(state, loop.shard_batch(batch, mesh), jax.random.key(0))
+  assert int(state.step) == 3

@@ -1,0 +1,23 @@
+"""Helpers for tests that run the command-line tools as a user would."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, "configs", "digits_tiny.py")
+
+
+def run_cli(*args, timeout=600):
+  """Runs an entry point (train.py, sample.py, ...) in a subprocess, on one device."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                        cwd=REPO, env=env, timeout=timeout)
+
+
+def assert_one_line_error(result, text):
+  """Exit status 2, one `error:` line on stderr that contains `text`, no traceback."""
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and text in lines[0], result.stderr[-3000:]
+  assert "Traceback" not in result.stderr

@@ -1,0 +1,57 @@
+"""`cfg_jax.load`: a trained workdir as one object that samples with everything filled in."""
+
+import jax
+import numpy as np
+import pytest
+
+import cfg_jax
+from cfg_jax import checkpoints, sampling, schedules
+
+pytestmark = pytest.mark.slow  # needs a workdir trained through the CLI
+
+
+@pytest.fixture(scope="module")
+def model(tiny_workdir):
+  return cfg_jax.load(str(tiny_workdir))
+
+
+def test_load_fills_in_what_sampling_needs(model, tiny_config):
+  assert model.num_classes == 10 and model.null_label == 10
+  assert model.image_shape == (8, 8, 1)
+  assert model.config.model.base_channels == tiny_config.model.base_channels
+  np.testing.assert_array_equal(model.schedule.alphas_cumprod,
+                                schedules.from_config(tiny_config.diffusion).alphas_cumprod)
+  assert model.classifier_fn is not None
+
+
+def test_pipeline_sample_equals_the_functional_sampler(model):
+  labels = np.array([0, 3, 10])
+  kwargs = dict(num_steps=3, guidance_scale=2.0, classifier_scale=1.0)
+  got = model.sample(jax.random.key(0), labels, **kwargs)
+  want = sampling.sample(jax.random.key(0), model.eps_fn, model.schedule, labels,
+                         image_shape=(8, 8, 1), null_label=10, method="ddim", eta=0.0,
+                         classifier_fn=model.classifier_fn, **kwargs)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_load_restores_the_ema_parameters_only(model, tiny_workdir):
+  """The restored weights are the checkpoint's EMA copy, not its training parameters."""
+  from cfg_jax.train import diffusion as diffusion_training
+  from cfg_jax.train import loop
+
+  config = model.config
+  _, params = diffusion_training.create_unet(config, 0)
+  tx = loop.make_optimizer(**config.optimizer)
+  full, _ = checkpoints.restore(
+      checkpoints.manager(str(tiny_workdir / "checkpoints"), create=False),
+      checkpoints.abstract(loop.init_state(params, tx, with_ema=True)))
+  loaded = model.eps_fn.args[1]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, full.ema_params)
+  differs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), loaded, full.params))
+  assert any(differs)
+
+
+def test_missing_workdir_is_a_clear_error(tmp_path):
+  with pytest.raises(checkpoints.CheckpointError, match="No checkpoint directory"):
+    cfg_jax.load(str(tmp_path / "nothing"))
