@@ -290,7 +290,7 @@ def _check_scalar(name, value, ok=None, requirement=""):
     return
   if array.shape != () or not np.isfinite(array) or (ok is not None and not ok(array)):
     want = f"a finite scalar {requirement}".rstrip()
-    raise ValueError(f"{name} must be {want}, got {value!r}.")
+    raise ValueError(f"{name} must be {want}, got {_show(array)}.")
 
 
 def _check_scale(name, value, ok=None, requirement=""):
@@ -300,4 +300,13 @@ def _check_scale(name, value, ok=None, requirement=""):
   if (array.ndim > 1 or array.size == 0 or not np.all(np.isfinite(array))
       or (ok is not None and not all(ok(v) for v in array.reshape(-1)))):
     want = f"a finite scalar or 1-D array of scales {requirement}".rstrip()
-    raise ValueError(f"{name} must be {want}, got {value!r}.")
+    raise ValueError(f"{name} must be {want}, got {_show(array)}.")
+
+
+def _show(array):
+  """A one-line rendering of a checked value, for error messages."""
+  if array.ndim == 0:
+    return repr(array.item())
+  if array.ndim == 1 and array.size <= 8:
+    return repr(array.tolist())
+  return f"an array of shape {array.shape}"

@@ -47,7 +47,6 @@ parameters) to reuse the compiled sampler.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from typing import Callable, Optional, Sequence
@@ -336,12 +335,7 @@ def dpmpp_2m_step(schedule, x_t, t, t_prev, t_last, eps, grad, x0_last, clip_den
   return jnp.where(per_example(final, x_t), x0, x_prev), x0
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("image_shape", "method", "num_steps", "spacing", "clip_denoised",
-                     "null_label", "passes"),
-)
-def _sample_jit(key, eps_fn, classifier_fn, schedule, labels, x_init, rule, classifier_scale,
+def _sample_impl(key, eps_fn, classifier_fn, schedule, labels, x_init, rule, classifier_scale,
                 eta, dynamic_threshold, *, image_shape, method, num_steps, spacing,
                 clip_denoised, null_label, passes):
   init_key, loop_key = jax.random.split(key)
@@ -384,6 +378,11 @@ def _sample_jit(key, eps_fn, classifier_fn, schedule, labels, x_init, rule, clas
   if jnp.ndim(rule.scale) == 1:  # a sweep: one program, vmapped over the scales
     return jax.vmap(lambda scale: run(rule.replace(scale=scale)))(rule.scale)
   return run(rule)
+
+
+_STATIC_ARGNAMES = ("image_shape", "method", "num_steps", "spacing", "clip_denoised",
+                    "null_label", "passes")
+_sample_jit = jax.jit(_sample_impl, static_argnames=_STATIC_ARGNAMES)
 
 
 def _call(eps_fn, x_t, t, y):
@@ -451,8 +450,9 @@ def _check_scale_arg(guidance_scale):
   concrete = None if guidance_scale is None else _concrete(guidance_scale)
   if concrete is not None and (concrete.ndim > 1 or concrete.size == 0
                                or not np.all(np.isfinite(concrete))):
+    shown = concrete.tolist() if concrete.ndim <= 1 and concrete.size <= 8 else concrete.shape
     raise ValueError(f"guidance_scale must be a finite scalar or a 1-D array of scales, got "
-                     f"{guidance_scale!r}.")
+                     f"{shown}.")
 
 
 def _check_spacing(schedule, method, num_steps, spacing):
