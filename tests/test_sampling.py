@@ -348,7 +348,7 @@ def test_sampler_matches_diffusers_scheduler(method, spacing, num_steps):
   x_T = _x_T()
   trajectory, ts = _diffusers_loop(scheduler, x_T, num_steps)
   np.testing.assert_array_equal(sampling.timesteps(T, num_steps, spacing, method), ts)
-  # Step by step: each of our steps from diffusers' previous x lands on diffusers' next x.
+  # The whole trajectory from the same x_T and the same ε (float32 on both sides).
   kw = dict(method=method, clip_denoised=False, timestep_spacing=spacing, num_steps=num_steps)
   out = sampling.sample(jax.random.key(0), _eps_jax, DIFF_SCHEDULE, [0, 0, 0], x_init=x_T, **kw)
   np.testing.assert_allclose(np.asarray(out), trajectory[-1], rtol=1e-4, atol=1e-4)
