@@ -1,30 +1,54 @@
-"""Guided DDIM and DDPM sampling as one compiled `lax.scan`.
+"""Guided DDIM, DDPM and DPM-Solver++(2M) sampling as one compiled `lax.scan`.
+
+Notation (the names in the code, the symbols of the papers; in the style of maxdiffusion's
+`scheduling_ddim_flax.py`):
+
+| code         | symbol      | meaning                                                      |
+| ------------ | ----------- | ------------------------------------------------------------ |
+| `t`, `t_prev`| t, t−1      | the visited timestep and the next one (−1: past the end)     |
+| `abar`       | ᾱ_t         | `schedule.alphas_cumprod[t]`                                 |
+| `abar_prev`  | ᾱ_{t−1}     | ᾱ at the next visited timestep; 1 after the last             |
+| `alpha`      | α_t         | ᾱ_t / ᾱ_{t−1}, one step of the respaced chain                |
+| `beta`       | β_t         | 1 − α_t                                                      |
+| `eps`        | ε_θ(x_t)    | the (guided) noise prediction ε̂                              |
+| `x0`         | x̂0 (f_θ)   | the predicted x_0, "predicted x0" of Song et al. eq. (12)    |
+| `sigma`      | σ_t(η)      | DDIM's noise scale, Song et al. eq. (16)                     |
+| `variance`   | β̃_t        | the DDPM posterior variance, Ho et al. eq. (7)               |
+| `lam`        | λ_t         | log(sqrt(ᾱ_t)/sqrt(1 − ᾱ_t)), half the log-SNR (DPM-Solver) |
+| `grad`       | s·∇log p_φ  | the classifier gradient s·∇_{x_t} log p_φ(y | x_t)           |
 
 Conventions (kept identical to diffusers and guided-diffusion so trajectories agree):
 
-* Timesteps are spaced "leading": t_i = i·(T // num_steps), visited from the largest down to
-  0; the step from t goes to t_prev = t − T // num_steps and ᾱ_prev = 1 below t = 0
+* `timestep_spacing` has diffusers' definitions: "leading" (the default) visits
+  i·(T // num_steps), "trailing" round(T − i·T/num_steps) − 1 (always starting at T − 1),
+  "linspace" round(linspace(0, T − 1, num_steps)). DPM-Solver++ takes the definitions of
+  diffusers' `DPMSolverMultistepScheduler`, whose "leading" and "linspace" lay num_steps + 1
+  points and drop t = 0. Each step goes to the next visited timestep and ᾱ = 1 after the last
   (diffusers' `set_alpha_to_one`, guided-diffusion's `alphas_cumprod_prev`).
-* DDPM on a respaced grid uses β'_t = 1 − ᾱ_t / ᾱ_prev (guided-diffusion's `respace.py`) and
-  the posterior ("fixed small") variance Σ = β'_t (1 − ᾱ_prev) / (1 − ᾱ_t).
-* `clip_denoised` clips the predicted x0 to [−1, 1]; DDIM then re-derives ε from the clipped
-  x0, as guided-diffusion (and GLIDE) do.
-* Classifier-free guidance: ε̂ = ε(x,t,∅) + γ·(ε(x,t,y) − ε(x,t,∅)). γ = 0 is unconditional,
-  γ = 1 conditional; Ho & Salimans' w equals γ − 1. Both passes are one batched call.
-* Classifier guidance with g = s·∇_{x_t} log p_φ(y | x_t), taken at x_t: DDIM shifts the
-  score, ε̂ ← ε̂ − sqrt(1 − ᾱ_t)·g (guided-diffusion's `condition_score`); DDPM shifts the
-  mean, μ ← μ + Σ·g (`condition_mean`).
+* DDPM on a respaced grid uses β_t = 1 − ᾱ_t / ᾱ_{t−1} (guided-diffusion's `respace.py`) and
+  the posterior ("fixed small") variance β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t).
+* `clip_denoised` clips the predicted x0 to [−1, 1]; `dynamic_threshold=p` replaces it with
+  Imagen's s = max(1, quantile_p(|x0|)), x0 ← clip(x0, −s, s)/s. DDIM then re-derives ε
+  from the new x0, as guided-diffusion (and GLIDE) do.
+* Guidance rules live in `cfg_jax.guidance`; `guidance_scale=γ` is `guidance.CFG(scale=γ)`:
+  ε̂ = ε(x,t,∅) + γ·(ε(x,t,y) − ε(x,t,∅)). γ = 0 is unconditional, γ = 1 conditional; Ho &
+  Salimans' w equals γ − 1. Only the passes the rule needs run: a concrete γ = 1 runs the
+  conditional pass alone, γ = 0 the unconditional one, anything else both in one batched call.
+* Classifier guidance with g = s·∇_{x_t} log p_φ(y | x_t), taken at x_t: DDIM and DPM-Solver++
+  shift the score, ε̂ ← ε̂ − sqrt(1 − ᾱ_t)·g (Dhariwal & Nichol Algorithm 2, guided-diffusion's
+  `condition_score`); DDPM shifts the mean, μ ← μ + β̃_t·g (Algorithm 1, `condition_mean`).
 
-Guidance scales, labels, η, the key and x_T are traced: a new value never recompiles. The
-structure (ε-function, method, number of steps, clipping, shapes) is static. Pass the same
-ε-function object each call (or a `jax.tree_util.Partial` over its parameters) to reuse
-the compiled sampler.
+Guidance scales (and every numeric field of a rule), labels, η, the key and x_T are traced: a
+new value never recompiles. A 1-D array of G scales returns (G, B, ...) from one program. The
+structure (ε-function, rule kind, method, spacing, number of steps, clipping, shapes) is
+static. Pass the same ε-function object each call (or a `jax.tree_util.Partial` over its
+parameters) to reuse the compiled sampler.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import warnings
 from typing import Callable, Optional, Sequence
 
 import chex
@@ -34,18 +58,43 @@ import numpy as np
 from jax.tree_util import Partial
 
 from cfg_jax import diffusion
+from cfg_jax import guidance as guidance_lib
 from cfg_jax.schedules import Schedule
 
 EpsFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (x_t, t, y) -> ε
 ClassifierFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (x_t, t) -> logits
 
-METHODS = ("ddim", "ddpm")
+METHODS = ("ddim", "ddpm", "dpmpp_2m")
+SPACINGS = ("leading", "trailing", "linspace")
+
+per_example = diffusion.per_example
 
 
-def timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-  """The visited timesteps, largest first: i·(T // num_steps) for i = num_steps−1..0."""
-  stride = num_timesteps // num_steps
-  return np.arange(num_steps - 1, -1, -1, dtype=np.int32) * stride
+def timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading",
+              method: str = "ddim") -> np.ndarray:
+  """The visited timesteps, largest first, as diffusers' schedulers lay them out.
+
+  DDIM/DDPM follow `DDIMScheduler`; "dpmpp_2m" follows `DPMSolverMultistepScheduler`, whose
+  "leading" and "linspace" lay num_steps + 1 points and drop the last (t = 0).
+  """
+  T, n = num_timesteps, num_steps
+  multistep = method == "dpmpp_2m"
+  if spacing == "leading":
+    if multistep:
+      ts = np.arange(n, 0, -1) * (T // (n + 1))
+    else:
+      ts = np.arange(n - 1, -1, -1) * (T // n)
+  elif spacing == "trailing":
+    # diffusers' round(arange(T, 0, −T/n)) − 1, written so float error never adds a point.
+    ts = np.round(T - np.arange(n) * (T / n)) - 1
+  elif spacing == "linspace":
+    if multistep:
+      ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+    else:
+      ts = np.linspace(0, T - 1, n).round()[::-1]
+  else:
+    raise ValueError(f"Unknown timestep_spacing {spacing!r}; use one of {SPACINGS}.")
+  return np.asarray(ts, np.int32)
 
 
 def sample(
@@ -60,7 +109,10 @@ def sample(
     num_steps: int = 50,
     eta=0.0,
     clip_denoised: bool = True,
-    guidance_scale=1.0,
+    dynamic_threshold=None,
+    timestep_spacing: Optional[str] = None,
+    guidance_scale=None,
+    guidance=None,
     null_label: Optional[int] = None,
     classifier_fn: Optional[ClassifierFn] = None,
     classifier_scale=0.0,
@@ -75,18 +127,36 @@ def sample(
     labels: int (B,) class labels, each in 0..null_label.
     image_shape: shape of one sample, e.g. (8, 8, 1); or give `x_init`.
     x_init: the starting x_T, shape (B, *image_shape).
-    method: "ddim" or "ddpm" (ancestral, posterior variance).
+    method: "ddim", "ddpm" (ancestral, posterior variance) or "dpmpp_2m" (DPM-Solver++(2M)).
     num_steps: number of denoising steps, 1..T.
-    eta: DDIM's η (0 is deterministic). Must be 0 for DDPM.
+    eta: DDIM's η (0 is deterministic). Must be 0 for DDPM and DPM-Solver++.
     clip_denoised: clip the predicted x0 to [−1, 1] at every step.
-    guidance_scale: γ of classifier-free guidance; needs `null_label` unless it is 1.
+    dynamic_threshold: Imagen's percentile p in (0, 1] (replaces clipping), or None (off).
+    timestep_spacing: "leading" (None: leading, warning instead of raising for a grid that
+      starts far below T), "trailing" or "linspace"; see the module docstring.
+    guidance_scale: γ of plain classifier-free guidance, a scalar or a 1-D array of G scales;
+      None means 1 (or `guidance`). Needs `null_label` unless it is 1.
+    guidance: a rule of `cfg_jax.guidance` (CFG, APG, CFGPlusPlus, Autoguidance), instead of
+      `guidance_scale`; its scale may be a 1-D array of G scales too.
     null_label: the label id that means "unconditional" (num_classes for our models).
     classifier_fn: `classifier_fn(x_t, t) -> logits` of a noisy classifier p_φ(y | x_t).
     classifier_scale: s, the classifier-guidance scale (0 computes no gradient).
+
+  Returns:
+    (B, *image_shape) samples, or (G, B, *image_shape) for G scales (the same x_T for each).
   """
   labels = jnp.asarray(labels)
-  _validate(schedule, labels, image_shape, x_init, method, num_steps, eta, guidance_scale,
-            null_label, classifier_fn, classifier_scale)
+  if guidance is not None and guidance_scale is not None:
+    raise ValueError("Give guidance (a rule) or guidance_scale (plain CFG), not both.")
+  if guidance is None:
+    _check_scale_arg(guidance_scale)
+    guidance = guidance_lib.CFG(scale=1.0 if guidance_scale is None else guidance_scale)
+  spacing = _validate(schedule, labels, image_shape, x_init, method, num_steps, eta, guidance,
+                      null_label, classifier_fn, classifier_scale, dynamic_threshold,
+                      timestep_spacing)
+  if isinstance(guidance, guidance_lib.Autoguidance):
+    guidance = guidance.replace(weak_eps_fn=_as_partial(guidance.weak_eps_fn))
+  passes = _passes(guidance, null_label)  # decided on the concrete values, before tracing
   if image_shape is None:
     image_shape = x_init.shape[1:]
   return _sample_jit(
@@ -96,31 +166,43 @@ def sample(
       schedule,
       labels.astype(jnp.int32),
       None if x_init is None else jnp.asarray(x_init, jnp.float32),
-      jnp.asarray(guidance_scale, jnp.float32),
+      guidance_lib.as_float32(guidance),
       jnp.asarray(classifier_scale, jnp.float32),
       jnp.asarray(eta, jnp.float32),
+      None if dynamic_threshold is None else jnp.asarray(dynamic_threshold, jnp.float32),
       image_shape=tuple(int(d) for d in image_shape),
       method=method,
       num_steps=num_steps,
+      spacing=spacing,
       clip_denoised=bool(clip_denoised),
       null_label=None if null_label is None else int(null_label),
+      passes=passes,
   )
 
 
 def classifier_free_eps(eps_fn: EpsFn, x_t, t, y, guidance_scale, null_label):
   """ε̂ = ε(x,t,∅) + γ·(ε(x,t,y) − ε(x,t,∅)), with both passes in one batched call."""
   if null_label is None:
-    eps = eps_fn(x_t, t, y)
-    chex.assert_equal_shape([eps, x_t])
-    return eps
-  both = eps_fn(
-      jnp.concatenate([x_t, x_t]),
-      jnp.concatenate([t, t]),
-      jnp.concatenate([y, jnp.full_like(y, null_label)]),
-  )
-  chex.assert_shape(both, (2 * x_t.shape[0], *x_t.shape[1:]))
-  eps_cond, eps_uncond = jnp.split(both, 2)
-  return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    return _call(eps_fn, x_t, t, y)
+  eps_cond, eps_uncond = _both_passes(eps_fn, x_t, t, y, null_label)
+  return eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # Ho & Salimans eq. (6)
+
+
+def guided_eps(rule, passes, eps_fn, ctx: guidance_lib.StepContext, labels, null_label, state):
+  """(ε̂, ε̂_renoise, state) of the rule, running only the passes named by `passes`."""
+  x_t, t = ctx.x_t, ctx.t
+  if passes == "cond":  # γ = 1: ε̂ = ε_c
+    eps = _call(eps_fn, x_t, t, labels)
+    return eps, eps, state
+  if passes == "uncond":  # γ = 0: ε̂ = ε_u
+    eps = _call(eps_fn, x_t, t, jnp.full_like(labels, null_label))
+    return eps, eps, state
+  if passes == "main+weak":  # autoguidance: two models, both conditional
+    main = _call(eps_fn, x_t, t, labels)
+    weak = _call(rule.weak_eps_fn, x_t, t, labels)
+    return rule.combine(ctx, main, weak, state)
+  eps_cond, eps_uncond = _both_passes(eps_fn, x_t, t, labels, null_label)
+  return rule.combine(ctx, eps_cond, eps_uncond, state)
 
 
 def classifier_gradient(classifier_fn: ClassifierFn, x_t, t, y, scale):
@@ -146,81 +228,208 @@ def classifier_gradient(classifier_fn: ClassifierFn, x_t, t, y, scale):
   )
 
 
-def ddim_step(schedule, x_t, t, t_prev, eps, grad, eta, noise, clip_denoised):
-  """One DDIM step from t to t_prev, with the classifier score shift of Algorithm 2."""
-  abar = schedule.alphas_cumprod[t]
-  abar_prev = _abar_prev(schedule, t_prev)
-  x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps)
+def denoise_x0(x0, clip_denoised, dynamic_threshold=None):
+  """Clips x0 to [−1, 1], or applies Imagen's dynamic thresholding (Saharia et al. 2022).
+
+  Thresholding: s = max(1, quantile_p(|x0|)) per example, x0 ← clip(x0, −s, s)/s (diffusers'
+  `_threshold_sample` without its upper cap on s). Its output lies in [−1, 1] already.
+  """
+  if dynamic_threshold is not None:
+    flat = jnp.abs(x0).reshape(x0.shape[0], -1)
+    s = jnp.maximum(jnp.quantile(flat, dynamic_threshold, axis=-1), 1.0)
+    s = per_example(s, x0)
+    return jnp.clip(x0, -s, s) / s
   if clip_denoised:
-    x0 = jnp.clip(x0, -1.0, 1.0)
-    eps = diffusion.predict_eps_from_x0(schedule, x_t, t, x0)
+    return jnp.clip(x0, -1.0, 1.0)
+  return x0
+
+
+def ddim_step(schedule, x_t, t, t_prev, eps, grad, eta, noise, clip_denoised,
+              dynamic_threshold=None, eps_renoise=None):
+  """One DDIM step from t to t_prev (Song et al. eq. (12)), with Algorithm 2's score shift.
+
+  `eps_renoise` (CFG++) replaces ε in the direction pointing to x_t; None uses ε.
+  """
+  abar = schedule.alphas_cumprod[t]  # ᾱ_t
+  abar_prev = _abar_prev(schedule, t_prev)  # ᾱ_{t−1}
+  x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps)  # "predicted x0", eq. (12)
+  if clip_denoised or dynamic_threshold is not None:
+    x0 = denoise_x0(x0, clip_denoised, dynamic_threshold)
+    # ε consistent with the clipped x0 and x_t (guided-diffusion's ddim_sample).
+    new_eps = diffusion.predict_eps_from_x0(schedule, x_t, t, x0)
+    if eps_renoise is not None:
+      eps_renoise = eps_renoise + (new_eps - eps)  # CFG++: the same correction
+    eps = new_eps
   if grad is not None:
-    eps = eps - _bcast(jnp.sqrt(1.0 - abar), x_t) * grad
-    x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps)
+    shift = per_example(jnp.sqrt(1.0 - abar), x_t) * grad
+    eps = eps - shift  # Dhariwal & Nichol Algorithm 2: ε̂ = ε − sqrt(1 − ᾱ_t)·∇log p_φ
+    if eps_renoise is not None:
+      eps_renoise = eps_renoise - shift
+    x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps)  # Algorithm 2's x0 from ε̂
+  if eps_renoise is None:
+    eps_renoise = eps
+  # σ_t(η) = η·sqrt((1 − ᾱ_{t−1})/(1 − ᾱ_t))·sqrt(1 − ᾱ_t/ᾱ_{t−1}), Song et al. eq. (16).
   sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
+  # sqrt(1 − ᾱ_{t−1} − σ_t²), the "direction pointing to x_t" of eq. (12).
   direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0))
-  return (_bcast(jnp.sqrt(abar_prev), x_t) * x0 + _bcast(direction, x_t) * eps
-          + _bcast(sigma, x_t) * noise)
+  # x_{t−1} = sqrt(ᾱ_{t−1})·x̂0 + sqrt(1 − ᾱ_{t−1} − σ_t²)·ε + σ_t·z, eq. (12).
+  return (per_example(jnp.sqrt(abar_prev), x_t) * x0 + per_example(direction, x_t) * eps_renoise
+          + per_example(sigma, x_t) * noise)
 
 
-def ddpm_step(schedule, x_t, t, t_prev, eps, grad, noise, clip_denoised):
-  """One ancestral step from t to t_prev on the respaced chain, with the mean shift Σ·g."""
-  abar = schedule.alphas_cumprod[t]
-  abar_prev = _abar_prev(schedule, t_prev)
-  alpha = abar / abar_prev
-  beta = 1.0 - alpha
-  x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps)
-  if clip_denoised:
-    x0 = jnp.clip(x0, -1.0, 1.0)
+def ddpm_step(schedule, x_t, t, t_prev, eps, grad, noise, clip_denoised, dynamic_threshold=None):
+  """One ancestral step from t to t_prev on the respaced chain, with Algorithm 1's mean shift.
+
+  Samples the posterior q(x_{t−1} | x_t, x̂0) of Ho et al. eqs. (6)-(7).
+  """
+  abar = schedule.alphas_cumprod[t]  # ᾱ_t
+  abar_prev = _abar_prev(schedule, t_prev)  # ᾱ_{t−1}
+  alpha = abar / abar_prev  # α_t of the respaced chain
+  beta = 1.0 - alpha  # β_t
+  x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps)  # Ho et al. eq. (15) solved for x0
+  x0 = denoise_x0(x0, clip_denoised, dynamic_threshold)
+  # μ̃_t = sqrt(ᾱ_{t−1})β_t/(1 − ᾱ_t)·x0 + sqrt(α_t)(1 − ᾱ_{t−1})/(1 − ᾱ_t)·x_t, eq. (7).
   coef_x0 = jnp.sqrt(abar_prev) * beta / (1.0 - abar)
   coef_xt = jnp.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar)
+  # β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t, eq. (7).
   variance = beta * (1.0 - abar_prev) / (1.0 - abar)
-  mean = _bcast(coef_x0, x_t) * x0 + _bcast(coef_xt, x_t) * x_t
+  mean = per_example(coef_x0, x_t) * x0 + per_example(coef_xt, x_t) * x_t
   if grad is not None:
-    mean = mean + _bcast(variance, x_t) * grad
-  # Σ = 0 at the last step (ᾱ_prev = 1), so no noise is added there.
-  return mean + _bcast(jnp.sqrt(variance), x_t) * noise
+    # Dhariwal & Nichol Algorithm 1: μ + s·Σ·∇log p_φ(y | x_t), with Σ = β̃_t.
+    mean = mean + per_example(variance, x_t) * grad
+  # x_{t−1} ~ N(μ̃_t, β̃_t I), eq. (6); β̃ = 0 at the last step (ᾱ_{t−1} = 1): no noise there.
+  return mean + per_example(jnp.sqrt(variance), x_t) * noise
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("image_shape", "method", "num_steps", "clip_denoised", "null_label"),
-)
-def _sample_jit(key, eps_fn, classifier_fn, schedule, labels, x_init, guidance_scale,
-                classifier_scale, eta, *, image_shape, method, num_steps, clip_denoised,
-                null_label):
+def dpmpp_2m_step(schedule, x_t, t, t_prev, t_last, eps, grad, x0_last, clip_denoised,
+                  dynamic_threshold=None):
+  """One DPM-Solver++(2M) step from t to t_prev (Lu et al. 2022, Algorithm 2).
+
+  `t_last` is the timestep visited before t (−1 at the first step) where `x0_last` was
+  predicted. The first step and the final step to ᾱ = 1 (σ = 0) are first order; the final
+  one returns x̂0. Returns (x_{t_prev}, x̂0).
+  """
+  abar = schedule.alphas_cumprod[t]  # ᾱ_t
+  abar_prev = _abar_prev(schedule, t_prev)  # ᾱ_{t−1}, the target
+  abar_last = _abar_prev(schedule, t_last)  # ᾱ at the step before
+  if grad is not None:
+    # Dhariwal & Nichol Algorithm 2's score shift on ε, before x̂0 is formed.
+    eps = eps - per_example(jnp.sqrt(1.0 - abar), x_t) * grad
+  x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps)  # the data prediction x_θ
+  x0 = denoise_x0(x0, clip_denoised, dynamic_threshold)
+  final = t_prev < 0  # to σ = 0, where λ = ∞
+  first = t_last < 0
+  lam = _lam(abar)  # λ_t = log(α_t/σ_t)
+  lam_prev = _lam(jnp.where(final, 0.5, abar_prev))
+  lam_last = _lam(jnp.where(first, 0.5, abar_last))
+  h = lam_prev - lam  # h_i = λ_{t_i} − λ_{t_{i−1}}
+  phi = jnp.expm1(-h)  # e^{−h} − 1
+  ratio = jnp.sqrt(1.0 - abar_prev) / jnp.sqrt(1.0 - abar)  # σ_{t_i}/σ_{t_{i−1}}
+  r = (lam - lam_last) / h  # r_i = h_{i−1}/h_i
+  # D_i = (1 + 1/(2r_i))·x̂0_i − 1/(2r_i)·x̂0_{i−1}; the first step uses D = x̂0 (DPM-Solver++(1)).
+  half_inv_r = per_example(jnp.where(first, 0.0, 0.5 / r), x0)
+  d = (1.0 + half_inv_r) * x0 - half_inv_r * x0_last
+  # x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}})·x̃_{t_{i−1}} − α_{t_i}(e^{−h_i} − 1)·D_i.
+  x_prev = (per_example(ratio, x_t) * x_t
+            - per_example(jnp.sqrt(abar_prev) * phi, x_t) * d)
+  return jnp.where(per_example(final, x_t), x0, x_prev), x0
+
+
+def _sample_impl(key, eps_fn, classifier_fn, schedule, labels, x_init, rule, classifier_scale,
+                eta, dynamic_threshold, *, image_shape, method, num_steps, spacing,
+                clip_denoised, null_label, passes):
   init_key, loop_key = jax.random.split(key)
   batch = labels.shape[0]
   if x_init is None:
     x_init = jax.random.normal(init_key, (batch, *image_shape), jnp.float32)
-  ts = timesteps(schedule.num_timesteps, num_steps)
-  stride = schedule.num_timesteps // num_steps
+  ts = timesteps(schedule.num_timesteps, num_steps, spacing, method)
+  ts_prev = np.append(ts[1:], -1)  # the next visited timestep; −1: ᾱ = 1
+  ts_last = np.insert(ts[:-1], 0, -1)  # the one visited before (DPM-Solver++'s history)
+  xs = tuple(jnp.asarray(v, jnp.int32) for v in (ts, ts_prev, ts_last))
 
-  def step(x_t, t):
-    t_batch = jnp.full((batch,), t, jnp.int32)
-    eps = classifier_free_eps(eps_fn, x_t, t_batch, labels, guidance_scale, null_label)
-    grad = None
-    if classifier_fn is not None:
-      grad = classifier_gradient(classifier_fn, x_t, t_batch, labels, classifier_scale)
-    noise = jax.random.normal(jax.random.fold_in(loop_key, t), x_t.shape, x_t.dtype)
-    if method == "ddim":
-      x_prev = ddim_step(schedule, x_t, t_batch, t_batch - stride, eps, grad, eta, noise,
-                         clip_denoised)
-    else:
-      x_prev = ddpm_step(schedule, x_t, t_batch, t_batch - stride, eps, grad, noise,
-                         clip_denoised)
-    return x_prev, None
+  def run(rule):
+    def step(carry, times):
+      x_t, state, x0_last = carry
+      t, t_prev, t_last = (jnp.full((batch,), v, jnp.int32) for v in times)
+      ctx = guidance_lib.StepContext(schedule, x_t, t)
+      eps, eps_renoise, state = guided_eps(rule, passes, eps_fn, ctx, labels, null_label, state)
+      grad = None
+      if classifier_fn is not None:
+        grad = classifier_gradient(classifier_fn, x_t, t, labels, classifier_scale)
+      if method == "dpmpp_2m":
+        x_prev, x0_last = dpmpp_2m_step(schedule, x_t, t, t_prev, t_last, eps, grad, x0_last,
+                                        clip_denoised, dynamic_threshold)
+        return (x_prev, state, x0_last), None
+      # The same noise for every scale of a sweep, as before this sampler had rules.
+      noise = jax.random.normal(jax.random.fold_in(loop_key, times[0]), x_t.shape, x_t.dtype)
+      if method == "ddim":
+        renoise = eps_renoise if isinstance(rule, guidance_lib.CFGPlusPlus) else None
+        x_prev = ddim_step(schedule, x_t, t, t_prev, eps, grad, eta, noise, clip_denoised,
+                           dynamic_threshold, renoise)
+      else:
+        x_prev = ddpm_step(schedule, x_t, t, t_prev, eps, grad, noise, clip_denoised,
+                           dynamic_threshold)
+      return (x_prev, state, x0_last), None
 
-  x_0, _ = jax.lax.scan(step, x_init, jnp.asarray(ts))
-  return x_0
+    x0_init = jnp.zeros_like(x_init) if method == "dpmpp_2m" else ()
+    (x_0, _, _), _ = jax.lax.scan(step, (x_init, rule.init_state(x_init), x0_init), xs)
+    return x_0
+
+  if jnp.ndim(rule.scale) == 1:  # a sweep: one program, vmapped over the scales
+    return jax.vmap(lambda scale: run(rule.replace(scale=scale)))(rule.scale)
+  return run(rule)
+
+
+_STATIC_ARGNAMES = ("image_shape", "method", "num_steps", "spacing", "clip_denoised",
+                    "null_label", "passes")
+_sample_jit = jax.jit(_sample_impl, static_argnames=_STATIC_ARGNAMES)
+
+
+def _call(eps_fn, x_t, t, y):
+  eps = eps_fn(x_t, t, y)
+  chex.assert_equal_shape([eps, x_t])  # a wrong shape would broadcast silently
+  return eps
+
+
+def _both_passes(eps_fn, x_t, t, y, null_label):
+  """(ε_c, ε_u) from one batched 2B call, as maxdiffusion does."""
+  both = eps_fn(
+      jnp.concatenate([x_t, x_t]),
+      jnp.concatenate([t, t]),
+      jnp.concatenate([y, jnp.full_like(y, null_label)]),
+  )
+  chex.assert_shape(both, (2 * x_t.shape[0], *x_t.shape[1:]))
+  return jnp.split(both, 2)
+
+
+def _passes(rule, null_label) -> str:
+  """Which ε passes a step runs: "cond", "uncond", "both" (one 2B call) or "main+weak".
+
+  Decided on concrete values only, so a traced or swept scale always runs both passes and
+  each case compiles once, never once per value.
+  """
+  if isinstance(rule, guidance_lib.Autoguidance):
+    return "main+weak"
+  if not isinstance(rule, guidance_lib.CFG):
+    return "both"
+  if null_label is None:
+    return "cond"
+  scale, rescale = _concrete(rule.scale), _concrete(rule.rescale)
+  if scale is not None and scale.shape == ():
+    if scale == 1 and rule.weight_schedule == "constant":
+      return "cond"  # γ_t = 1 inside the interval and out: ε̂ = ε_c, rescaled or not
+    if scale == 0 and rule.interval is None and rescale is not None and rescale == 0:
+      return "uncond"  # γ_t = 0 everywhere: ε̂ = ε_u
+  return "both"
 
 
 def _abar_prev(schedule, t_prev):
   return jnp.where(t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
 
 
-def _bcast(values, x):
-  return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
+def _lam(abar):
+  """λ = log(sqrt(ᾱ)/sqrt(1 − ᾱ)), DPM-Solver's half log-SNR."""
+  return 0.5 * (jnp.log(abar) - jnp.log1p(-abar))
 
 
 def _as_partial(fn):
@@ -237,13 +446,49 @@ def _concrete(value):
     return None
 
 
-def _validate(schedule, labels, image_shape, x_init, method, num_steps, eta, guidance_scale,
-              null_label, classifier_fn, classifier_scale):
+def _check_scale_arg(guidance_scale):
+  concrete = None if guidance_scale is None else _concrete(guidance_scale)
+  if concrete is not None and (concrete.ndim > 1 or concrete.size == 0
+                               or not np.all(np.isfinite(concrete))):
+    shown = concrete.tolist() if concrete.ndim <= 1 and concrete.size <= 8 else concrete.shape
+    raise ValueError(f"guidance_scale must be a finite scalar or a 1-D array of scales, got "
+                     f"{shown}.")
+
+
+def _check_spacing(schedule, method, num_steps, spacing):
+  """The spacing to use; raises (or, for the default, warns) when "leading" starts far below T."""
+  explicit = spacing is not None
+  spacing = "leading" if spacing is None else spacing
+  if spacing not in SPACINGS:
+    raise ValueError(f"Unknown timestep_spacing {spacing!r}; use one of {SPACINGS}.")
+  T = schedule.num_timesteps
+  ts = timesteps(T, num_steps, spacing, method)
+  if np.any(np.diff(ts) >= 0) or ts[-1] < 0:
+    raise ValueError(f"num_steps={num_steps} repeats timesteps with timestep_spacing="
+                     f"{spacing!r}; use fewer steps.")
+  # A leading grid of n points (n + 1 for DPM-Solver++) starts at (n − 1)·(T // n): far below
+  # T − 1 when T % n != 0, which covers every T/2 < n < T (n = T visits every timestep).
+  points = num_steps + 1 if method == "dpmpp_2m" else num_steps
+  if spacing == "leading" and T % points != 0:
+    abar = float(schedule.alphas_cumprod[int(ts[0])])
+    message = (f"timestep_spacing='leading' with num_steps={num_steps} starts at t={ts[0]} "
+               f"of T={T} (ᾱ={abar:.3g}), far below pure noise; use timestep_spacing="
+               f"'trailing' (or a num_steps that divides T).")
+    if explicit:
+      raise ValueError(message)
+    # The default keeps today's samples; say it loudly instead of breaking callers.
+    warnings.warn(message, UserWarning, stacklevel=4)
+  return spacing
+
+
+def _validate(schedule, labels, image_shape, x_init, method, num_steps, eta, rule, null_label,
+              classifier_fn, classifier_scale, dynamic_threshold, spacing):
   if method not in METHODS:
     raise ValueError(f"Unknown sampling method {method!r}; use one of {METHODS}.")
   num_timesteps = schedule.num_timesteps
   if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
     raise ValueError(f"num_steps must be an int in 1..{num_timesteps}, got {num_steps!r}.")
+  spacing = _check_spacing(schedule, method, num_steps, spacing)
   if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}.")
   if null_label is not None and (not isinstance(null_label, (int, np.integer)) or null_label < 0):
@@ -264,20 +509,44 @@ def _validate(schedule, labels, image_shape, x_init, method, num_steps, eta, gui
                        f"number of labels ({labels.shape[0]}).")
     if image_shape is not None and tuple(image_shape) != x_shape[1:]:
       raise ValueError(f"x_init shape {x_shape} does not match image_shape {tuple(image_shape)}.")
-  for name, value in (("guidance_scale", guidance_scale), ("classifier_scale", classifier_scale),
-                      ("eta", eta)):
+  for name, value in (("classifier_scale", classifier_scale), ("eta", eta)):
     concrete = _concrete(value)
     if concrete is not None and (concrete.shape != () or not np.isfinite(concrete)):
       raise ValueError(f"{name} must be a finite scalar, got {value!r}.")
   eta_value = _concrete(eta)
   if eta_value is not None and eta_value < 0:
     raise ValueError(f"eta must be >= 0, got {float(eta_value)}.")
-  if method == "ddpm" and eta_value is not None and eta_value != 0:
-    raise ValueError("eta applies to method='ddim' only; DDPM's noise is fixed by its variance.")
-  scale = _concrete(guidance_scale)
-  if null_label is None and scale is not None and scale != 1:
-    raise ValueError(f"guidance_scale={float(scale)} needs null_label (the label id the "
-                     "model was trained with for 'no label').")
+  if method != "ddim" and eta_value is not None and eta_value != 0:
+    raise ValueError(f"eta applies to method='ddim' only; {method} has no η.")
+  if dynamic_threshold is not None:
+    p = _concrete(dynamic_threshold)
+    if p is not None and (p.shape != () or not 0 < p <= 1):
+      raise ValueError(f"dynamic_threshold must be a percentile in (0, 1] or None, got "
+                       f"{dynamic_threshold!r}.")
+  _validate_rule(rule, method, null_label)
   cls_scale = _concrete(classifier_scale)
   if classifier_fn is None and cls_scale is not None and cls_scale != 0:
     raise ValueError("classifier_scale is non-zero but no classifier_fn was given.")
+  return spacing
+
+
+def _validate_rule(rule, method, null_label):
+  if not isinstance(rule, guidance_lib.RULES):
+    names = ", ".join(r.__name__ for r in guidance_lib.RULES)
+    raise ValueError(f"guidance must be one of cfg_jax.guidance's {names}; got "
+                     f"{type(rule).__name__}.")
+  rule.validate()  # again: the rule may have been built from traced values
+  name = type(rule).__name__
+  if isinstance(rule, guidance_lib.CFGPlusPlus) and method != "ddim":
+    raise ValueError(f"CFGPlusPlus works with method='ddim' only, got method={method!r}.")
+  if isinstance(rule, guidance_lib.Autoguidance):
+    if rule.weak_eps_fn is None:
+      raise ValueError("Autoguidance needs weak_eps_fn, the weaker model's ε-function.")
+    return
+  if null_label is None:
+    scale = _concrete(rule.scale)
+    plain = isinstance(rule, guidance_lib.CFG) and rule.weight_schedule == "constant"
+    if not plain or (scale is not None and np.any(scale != 1)):
+      shown = f"guidance_scale={scale.tolist()}" if plain else name
+      raise ValueError(f"{shown} needs null_label (the label id the model was trained with "
+                       "for 'no label').")

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfg_jax import sampling, schedules
+from cfg_jax import guidance, sampling, schedules
+from tests import reference_samplers as ref
 from tests.gaussian_oracle import GaussianClasses
 
 SCHEDULE = schedules.linear(1000)
@@ -153,17 +154,14 @@ def test_trajectory_matches_numpy_reference_step_by_step(method, eta, clip):
   np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_new_scale_labels_seed_or_eta_never_recompile():
+def test_new_scale_labels_seed_or_eta_never_recompile(monkeypatch):
+  ref.install_trace_counter(monkeypatch, n=1)  # chex.assert_max_traces on the sampler
   kwargs = dict(image_shape=(2,), num_steps=5, null_label=NULL, classifier_fn=ORACLE.logits)
-  before = sampling._sample_jit._cache_size()
-  sampling.sample(jax.random.key(0), ORACLE.eps, SCHEDULE, [0, 1], guidance_scale=1.0,
-                  classifier_scale=0.0, eta=0.0, **kwargs)
-  compiled = sampling._sample_jit._cache_size()
-  assert compiled == before + 1
-  for seed, scale, cls_scale, labels, eta in [(1, 3.0, 0.5, [2, 2], 0.5), (2, 0, 2, [3, 0], 1)]:
+  for seed, scale, cls_scale, labels, eta in [(0, 2.0, 0.0, [0, 1], 0.0),
+                                              (1, 3.0, 0.5, [2, 2], 0.5),
+                                              (2, -1, 2, [3, 0], 1)]:
     sampling.sample(jax.random.key(seed), ORACLE.eps, SCHEDULE, labels, guidance_scale=scale,
                     classifier_scale=cls_scale, eta=eta, **kwargs)
-  assert sampling._sample_jit._cache_size() == compiled
 
 
 @pytest.mark.parametrize("method", sampling.METHODS)
@@ -203,6 +201,24 @@ def test_zero_classifier_scale_equals_no_classifier():
         (dict(eta=-1.0), "eta must be >= 0"),
         (dict(method="ddpm", eta=0.5), "eta applies to method='ddim' only"),
         (dict(null_label=None, guidance_scale=3.0), "needs null_label"),
+        (dict(guidance_scale=np.ones((2, 2))), "1-D array of scales"),
+        (dict(guidance=guidance.CFG(2.0)), "not both"),
+        (dict(guidance_scale=None, guidance=2.0), "guidance must be one of"),
+        (dict(guidance_scale=None, guidance=guidance.CFGPlusPlus(0.5), method="ddpm"),
+         "CFGPlusPlus works with method='ddim' only"),
+        (dict(guidance_scale=None, guidance=guidance.CFGPlusPlus(0.5), method="dpmpp_2m"),
+         "CFGPlusPlus works with method='ddim' only"),
+        (dict(guidance_scale=None, guidance=guidance.APG(2.0), null_label=None),
+         "APG needs null_label"),
+        (dict(guidance_scale=None, guidance=guidance.Autoguidance(2.0)), "needs weak_eps_fn"),
+        (dict(method="dpmpp_2m", eta=0.5), "eta applies to method='ddim' only"),
+        (dict(dynamic_threshold=0.0), r"dynamic_threshold must be a percentile in \(0, 1\]"),
+        (dict(dynamic_threshold=1.5), "dynamic_threshold must be a percentile"),
+        (dict(timestep_spacing="uniform"), "Unknown timestep_spacing"),
+        (dict(timestep_spacing="leading", num_steps=3), "use timestep_spacing='trailing'"),
+        (dict(timestep_spacing="leading", num_steps=600), "use timestep_spacing='trailing'"),
+        (dict(method="dpmpp_2m", timestep_spacing="linspace", num_steps=1000),
+         "repeats timesteps"),
         (dict(classifier_scale=1.0), "no classifier_fn"),
         (dict(image_shape=None), "Give image_shape"),
         (dict(image_shape=None, x_init=np.zeros((3, 2))), "leading axis must equal"),
@@ -214,8 +230,9 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
   call = dict(labels=[0, 1], image_shape=(2,), null_label=NULL, guidance_scale=1.0)
   call.update(kwargs)
   labels = call.pop("labels")
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match=message) as info:
     sampling.sample(jax.random.key(0), ORACLE.eps, SCHEDULE, labels, **call)
+  assert "\n" not in str(info.value)
 
 
 def test_zero_classifier_scale_evaluates_no_classifier():
@@ -237,3 +254,211 @@ def test_an_eps_fn_of_the_wrong_shape_is_caught():
   with pytest.raises(AssertionError, match="shape"):
     sampling.sample(jax.random.key(0), lambda x, t, y: x[:, :1], SCHEDULE, [0, 1],
                     image_shape=(2,), num_steps=2, guidance_scale=2.0, null_label=NULL)
+
+
+# --- Timestep spacings, DPM-Solver++(2M) and diffusers --------------------------------------
+
+T = 1000
+BETAS = np.linspace(1e-4, 0.02, T)
+DIFF_SCHEDULE = schedules.from_betas(BETAS)  # the betas diffusers gets as trained_betas
+DIFF_ABAR = np.asarray(DIFF_SCHEDULE.alphas_cumprod, np.float64)
+_RNG = np.random.default_rng(1)
+_A = _RNG.standard_normal((4, 4)) * 0.3
+_W = _RNG.standard_normal((4,)) * 0.5
+
+
+def _eps_np(x, t):  # one ε-function for every sampler compared below
+  return np.tanh(x @ _A + _W * (1 + t / T))
+
+
+def _eps_jax(x, t, y):
+  return jnp.tanh(x @ jnp.asarray(_A) + jnp.asarray(_W) * (1 + t[:, None] / T))
+
+
+def _np_step(x, t, state):
+  e = _eps_np(x, t)
+  return e, e, state
+
+
+@pytest.mark.parametrize("method", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_timestep_spacings_are_diffusers(method, spacing):
+  multistep = method == "dpmpp_2m"
+  for n in (1, 3, 7, 10, 50, 333, 999):
+    want = ref.diffusers_timesteps(T, n, spacing, multistep)
+    np.testing.assert_array_equal(sampling.timesteps(T, n, spacing, method), want)
+  if spacing == "trailing":  # starts at T − 1 for every num_steps
+    assert all(sampling.timesteps(T, n, spacing, method)[0] == T - 1 for n in range(1, T + 1))
+
+
+def test_default_leading_far_below_T_warns_and_keeps_todays_samples():
+  kw = dict(image_shape=(2,), num_steps=3, null_label=NULL, guidance_scale=2.0)
+  with pytest.warns(UserWarning, match="trailing"):
+    x = sampling.sample(jax.random.key(0), ORACLE.eps, SCHEDULE, [0, 1], **kw)
+  assert x.shape == (2, 2)
+
+
+def _x_T():
+  return np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize("method,spacing,num_steps", [("dpmpp_2m", "linspace", 10),
+                                                      ("dpmpp_2m", "linspace", 20),
+                                                      ("dpmpp_2m", "trailing", 15),
+                                                      ("ddim", "trailing", 10)])
+def test_sampler_matches_float64_reference(method, spacing, num_steps):
+  """Runs with or without diffusers: our own float64 transcription of diffusers' steps."""
+  x_T = _x_T()
+  out = sampling.sample(jax.random.key(0), _eps_jax, DIFF_SCHEDULE, [0, 0, 0], x_init=x_T,
+                        method=method, num_steps=num_steps, clip_denoised=False,
+                        timestep_spacing=spacing)
+  ts = ref.diffusers_timesteps(T, num_steps, spacing, multistep=method == "dpmpp_2m")
+  loop = ref.dpmpp_2m if method == "dpmpp_2m" else ref.ddim
+  np.testing.assert_allclose(np.asarray(out), loop(x_T, ts, DIFF_ABAR, _np_step),
+                             rtol=1e-4, atol=1e-4)
+
+
+def _diffusers_loop(scheduler, x_T, num_steps):
+  import torch
+
+  scheduler.set_timesteps(num_steps)
+  x = torch.from_numpy(x_T)
+  trajectory = []
+  for t in scheduler.timesteps:
+    eps = torch.from_numpy(_eps_np(x.numpy().astype(np.float64), int(t)).astype(np.float32))
+    x = scheduler.step(eps, t, x).prev_sample
+    trajectory.append(x.numpy())
+  return trajectory, np.asarray(scheduler.timesteps)
+
+
+@pytest.mark.parametrize("method,spacing,num_steps", [("dpmpp_2m", "linspace", 10),
+                                                      ("dpmpp_2m", "linspace", 20),
+                                                      ("ddim", "trailing", 10),
+                                                      ("ddim", "trailing", 50)])
+def test_sampler_matches_diffusers_scheduler(method, spacing, num_steps):
+  diffusers = pytest.importorskip("diffusers")
+  if method == "dpmpp_2m":
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, trained_betas=BETAS, algorithm_type="dpmsolver++",
+        solver_order=2, lower_order_final=True, final_sigmas_type="zero",
+        timestep_spacing=spacing)
+  else:
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=T, trained_betas=BETAS,
+                                        clip_sample=False, timestep_spacing=spacing)
+  x_T = _x_T()
+  trajectory, ts = _diffusers_loop(scheduler, x_T, num_steps)
+  np.testing.assert_array_equal(sampling.timesteps(T, num_steps, spacing, method), ts)
+  # The whole trajectory from the same x_T and the same ε (float32 on both sides).
+  kw = dict(method=method, clip_denoised=False, timestep_spacing=spacing, num_steps=num_steps)
+  out = sampling.sample(jax.random.key(0), _eps_jax, DIFF_SCHEDULE, [0, 0, 0], x_init=x_T, **kw)
+  np.testing.assert_allclose(np.asarray(out), trajectory[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_dpmpp_2m_is_second_order_on_gaussian_data():
+  """With the exact ε, against the 1000-step DDIM end point: halving the step halves DDIM's
+  error (first order) and cuts DPM-Solver++(2M)'s by more than 3 (its last step to σ = 0 is
+  first order, so the gain shows from about 40 steps)."""
+  x_T = np.random.default_rng(3).standard_normal((30, 2)).astype(np.float32)
+  kw = dict(x_init=x_T, clip_denoised=False, null_label=NULL, guidance_scale=1.0,
+            timestep_spacing="trailing")
+  labels = np.arange(30) % 3
+  exact = sampling.sample(jax.random.key(0), ORACLE.eps, SCHEDULE, labels, num_steps=1000,
+                          **kw)
+  err = {(m, n): float(np.abs(sampling.sample(jax.random.key(0), ORACLE.eps, SCHEDULE, labels,
+                                              num_steps=n, method=m, **kw) - exact).max())
+         for m in ("ddim", "dpmpp_2m") for n in (20, 40)}
+  assert err["dpmpp_2m", 20] / err["dpmpp_2m", 40] > 3 > err["ddim", 20] / err["ddim", 40], err
+  assert err["dpmpp_2m", 40] < err["ddim", 40] / 3, err
+
+
+@pytest.mark.slow
+def test_dpmpp_2m_samples_each_class():
+  """50 steps: the final first-order step returns x̂0 = E[x0 | x_t] from the last visited t,
+  which shrinks the std by s²/(s² + σ_t²) (0.22 instead of 0.3 at 15 steps, 0.29 at 50)."""
+  labels = np.repeat(np.arange(3), N // 3)
+  x = sampling.sample(jax.random.key(5), ORACLE.eps, SCHEDULE, labels, image_shape=(2,),
+                      method="dpmpp_2m", num_steps=50, timestep_spacing="trailing",
+                      clip_denoised=False, guidance_scale=1.0, null_label=NULL)
+  for k in range(3):
+    mean, std = _moments(x[labels == k])
+    np.testing.assert_allclose(mean, MEANS[k], atol=0.03)
+    np.testing.assert_allclose(std, 0.3, atol=0.03)
+
+
+# --- Scale sweeps and the one-pass fast path -----------------------------------------------
+
+def test_guidance_scale_sweep_equals_separate_calls():
+  scales = np.array([0.0, 1.0, 2.5, -0.5], np.float32)
+  kw = dict(image_shape=(2,), num_steps=10, null_label=NULL, eta=0.3,
+            classifier_fn=ORACLE.logits, classifier_scale=0.5)
+  swept = sampling.sample(jax.random.key(6), ORACLE.eps, SCHEDULE, [0, 1, 3], guidance_scale=scales,
+                          **kw)
+  assert swept.shape == (4, 3, 2)
+  for i, scale in enumerate(scales):  # 0 and 1 take the one-pass paths
+    one = sampling.sample(jax.random.key(6), ORACLE.eps, SCHEDULE, [0, 1, 3],
+                          guidance_scale=float(scale), **kw)
+    np.testing.assert_allclose(swept[i], one, rtol=1e-5, atol=1e-5)
+
+
+def _counting(calls):
+  def eps_fn(x, t, y):
+    calls.append(x.shape[0])  # runs at trace time only
+    return ORACLE.eps(x, t, y)
+  return eps_fn
+
+
+@pytest.mark.parametrize("scale,batches", [(0.0, [3]), (1.0, [3]), (2.0, [6]),
+                                           (np.array([0.0, 1.0]), [6])])
+def test_fast_path_runs_only_the_passes_it_needs(scale, batches):
+  calls, classifier_calls = [], []
+
+  def logits(x, t):
+    classifier_calls.append(x.shape[0])
+    return ORACLE.logits(x, t)
+
+  kw = dict(image_shape=(2,), num_steps=4, null_label=NULL, classifier_fn=logits,
+            classifier_scale=1.0)
+  fast = sampling.sample(jax.random.key(7), _counting(calls), SCHEDULE, [0, 1, 2],
+                         guidance_scale=scale, **kw)
+  assert calls == batches  # one B-sized pass at γ = 0 or 1, one 2B pass otherwise
+  assert classifier_calls == [3]  # one forward (and its backward) per step
+  if np.ndim(scale) == 0:  # the same numbers as the two-pass program, swept
+    both = sampling.sample(jax.random.key(7), ORACLE.eps, SCHEDULE, [0, 1, 2],
+                           guidance_scale=np.array([scale, 2.0]), **kw)
+    np.testing.assert_allclose(fast, both[0], rtol=1e-5, atol=1e-5)
+
+
+def test_traced_scale_uses_the_two_pass_program():
+  calls = []
+  eps_fn = _counting(calls)
+  draw = jax.jit(lambda scale: sampling.sample(jax.random.key(0), eps_fn, SCHEDULE, [0, 1],
+                                               image_shape=(2,), num_steps=4, null_label=NULL,
+                                               guidance_scale=scale))
+  draw(0.0)
+  draw(1.0)
+  assert calls == [4]  # traced once, with the batched 2B pass
+
+
+def test_fast_paths_compile_once_per_case(monkeypatch):
+  ref.install_trace_counter(monkeypatch, n=3)  # γ = 0, γ = 1 and the rest
+  kw = dict(image_shape=(2,), num_steps=4, null_label=NULL)
+  for scale in (0.0, 1.0, 2.0, 0, 1, 3.0, -2.0):
+    sampling.sample(jax.random.key(0), ORACLE.eps, SCHEDULE, [0, 1], guidance_scale=scale, **kw)
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm", "dpmpp_2m"])
+def test_dynamic_thresholding_keeps_x0_in_range_and_matches_reference(method):
+  x_T = (_x_T() * 3).astype(np.float32)
+  key = jax.random.key(8)
+  out = sampling.sample(key, _eps_jax, DIFF_SCHEDULE, [0, 0, 0], x_init=x_T, method=method,
+                        num_steps=10, dynamic_threshold=0.9, timestep_spacing="trailing")
+  ts = ref.diffusers_timesteps(T, 10, "trailing")
+  if method == "ddpm":
+    _, loop_key = jax.random.split(key)
+    noises = [np.asarray(jax.random.normal(jax.random.fold_in(loop_key, t), (3, 4)))
+              for t in ts]
+    want = ref.ddpm(x_T, ts, DIFF_ABAR, _np_step, noises, p=0.9)
+  else:
+    want = (ref.ddim if method == "ddim" else ref.dpmpp_2m)(x_T, ts, DIFF_ABAR, _np_step, p=0.9)
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-4)
+  assert np.abs(np.asarray(out)).max() <= 1.0 + 1e-6

@@ -1,0 +1,226 @@
+"""Guidance rules against float64 NumPy transcriptions and exact identities on Gaussian data."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.tree_util import Partial
+
+from cfg_jax import guidance, sampling, schedules
+from tests import reference_samplers as ref
+from tests.gaussian_oracle import GaussianClasses
+
+SCHEDULE = schedules.linear(1000)
+ABAR = np.asarray(SCHEDULE.alphas_cumprod, np.float64)
+MEANS = np.array([[0.6, -0.4], [-0.5, 0.5], [0.1, 0.7]])
+ORACLE = GaussianClasses(SCHEDULE, MEANS, std=0.3)
+NULL = ORACLE.num_classes
+
+# A made-up, label- and time-dependent ε (and a weaker one), in NumPy and in JAX.
+RNG = np.random.default_rng(0)
+B, D = 5, 4
+W = RNG.standard_normal((NULL + 1, D)) * 0.5
+A = RNG.standard_normal((D, D)) * 0.3
+A_WEAK = A * 0.5
+C = RNG.standard_normal((3, D))
+LABELS = np.array([0, 1, 2, 3, 1])  # one null label among them
+X_T = (RNG.standard_normal((B, D)) * 1.5).astype(np.float32)
+
+
+def eps_np(x, t, y, a=A):
+  return np.tanh(x @ a + W[y] * (1 + t / 1000))
+
+
+def eps_jax(x, t, y, a=A):
+  return jnp.tanh(x @ jnp.asarray(a) + jnp.asarray(W)[y] * (1 + t[:, None] / 1000))
+
+
+def logits_jax(x, t):
+  return jnp.sin(x @ C.T) * (1 + t[:, None] / 1000)
+
+
+def grad_np(x, t, y=LABELS):
+  """s = 1 classifier gradient of logits_jax, by hand; the null label gets none."""
+  z = np.sin(x @ C.T) * (1 + t / 1000)
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  dz = (np.eye(3)[np.minimum(y, 2)] - p) * (1 + t / 1000)
+  return ((dz * np.cos(x @ C.T)) @ C) * (y < 3)[:, None]
+
+
+def _passes_np(x, t):
+  return eps_np(x, t, LABELS), eps_np(x, t, np.full_like(LABELS, NULL))
+
+
+def _np_rule(name):
+  """The NumPy eps_step(x, t, state) -> (ε̂, ε̂_direction, state) of each case."""
+  def plain(**kw):
+    def step(x, t, state):
+      e = ref.cfg(*_passes_np(x, t), t, ABAR[t], 1000, **kw)
+      return e, e, state
+    return step
+
+  if name.startswith("apg"):
+    kw = CASES[name][1]
+
+    def step(x, t, m):
+      m = np.zeros_like(x) if m is None else m
+      e, m = ref.apg(x, ABAR[t], *_passes_np(x, t), m, **kw)
+      return e, e, m
+    return step
+  if name.startswith("cfgpp"):
+    def step(x, t, state):
+      c, u = _passes_np(x, t)
+      return u + 0.6 * (c - u), u, state
+    return step
+  if name == "autoguidance":
+    def step(x, t, state):
+      main, weak = eps_np(x, t, LABELS), eps_np(x, t, LABELS, A_WEAK)
+      e = weak + 2.0 * (main - weak)
+      return e, e, state
+    return step
+  return plain(**CASES[name][1])
+
+
+CASES = {
+    "interval": (guidance.CFG(2.5, interval=(0.5, 3.0)), dict(scale=2.5, interval=(0.5, 3.0))),
+    "linear": (guidance.CFG(2.5, weight_schedule="linear"),
+               dict(scale=2.5, weight_schedule="linear")),
+    "cosine": (guidance.CFG(2.5, weight_schedule="cosine"),
+               dict(scale=2.5, weight_schedule="cosine")),
+    "rescale": (guidance.CFG(2.5, rescale=0.7), dict(scale=2.5, rescale=0.7)),
+    "cfg_all": (guidance.CFG(3.0, interval=(0.2, 5.0), weight_schedule="cosine", rescale=0.5),
+                dict(scale=3.0, interval=(0.2, 5.0), weight_schedule="cosine", rescale=0.5)),
+    "apg": (guidance.APG(3.0), dict(scale=3.0, eta=0.0, momentum=0.0, norm_threshold=0.0)),
+    "apg_full": (guidance.APG(3.0, eta=0.3, momentum=-0.5, norm_threshold=1.0),
+                 dict(scale=3.0, eta=0.3, momentum=-0.5, norm_threshold=1.0)),
+    "cfgpp": (guidance.CFGPlusPlus(0.6), None),
+    "cfgpp_clip_classifier": (guidance.CFGPlusPlus(0.6), None),
+    "autoguidance": (guidance.Autoguidance(2.0, Partial(eps_jax, a=A_WEAK)), None),
+}
+
+
+@pytest.mark.parametrize("name,method,clip,p,classifier", [
+    ("interval", "ddim", False, None, False),
+    ("linear", "ddim", False, None, False),
+    ("cosine", "ddim", True, None, True),
+    ("rescale", "ddim", False, 0.9, False),
+    ("cfg_all", "dpmpp_2m", False, None, True),
+    ("apg", "ddim", False, None, False),
+    ("apg_full", "ddim", False, None, False),
+    ("apg_full", "dpmpp_2m", True, None, False),
+    ("rescale", "ddpm", False, 0.8, False),
+    ("cfgpp", "ddim", False, None, False),
+    ("cfgpp_clip_classifier", "ddim", True, None, True),
+    ("autoguidance", "ddim", False, None, False),
+    ("autoguidance", "dpmpp_2m", False, 0.95, False),
+])
+def test_rule_matches_numpy_reference_step_by_step(name, method, clip, p, classifier):
+  num_steps, s = 10, 0.8
+  rule = CASES[name][0]
+  key = jax.random.key(3)
+  out = sampling.sample(key, eps_jax, SCHEDULE, LABELS, x_init=X_T, method=method,
+                        num_steps=num_steps, clip_denoised=clip, dynamic_threshold=p,
+                        guidance=rule, null_label=NULL,
+                        classifier_fn=logits_jax if classifier else None,
+                        classifier_scale=s if classifier else 0.0)
+  ts = ref.diffusers_timesteps(1000, num_steps, "leading", multistep=method == "dpmpp_2m")
+  step = _np_rule(name)
+  grad = (lambda x, t: s * grad_np(x, t)) if classifier else None
+  if method == "ddim":
+    want = ref.ddim(X_T, ts, ABAR, step, clip=clip, p=p, grad=grad)
+  elif method == "dpmpp_2m":
+    want = ref.dpmpp_2m(X_T, ts, ABAR, step, clip=clip, p=p, grad=grad)
+  else:
+    _, loop_key = jax.random.split(key)
+    noises = [np.asarray(jax.random.normal(jax.random.fold_in(loop_key, t), (B, D)))
+              for t in ts]
+    want = ref.ddpm(X_T, ts, ABAR, step, noises, clip=clip, p=p)
+  np.testing.assert_allclose(np.asarray(out), want, rtol=2e-4, atol=2e-4)
+
+
+def _oracle_sample(rule, **kw):
+  kw = dict(x_init=X_T[:, :2], num_steps=20, clip_denoised=False, null_label=NULL) | kw
+  return np.asarray(sampling.sample(jax.random.key(0), ORACLE.eps, SCHEDULE, LABELS, **kw,
+                                    guidance=rule))
+
+
+def test_exact_identities_between_rules_on_gaussian_data():
+  """APG with η = 1 and no momentum or cap is CFG; autoguidance with the unconditional model
+  as the weak one is CFG; an interval holding every σ is CFG, one holding none is γ = 1."""
+  plain = _oracle_sample(guidance.CFG(2.5))
+  np.testing.assert_allclose(_oracle_sample(guidance.APG(2.5, eta=1.0)), plain, atol=2e-5)
+  uncond = Partial(lambda x, t, y: ORACLE.eps_uncond(x, t))
+  np.testing.assert_allclose(_oracle_sample(guidance.Autoguidance(2.5, uncond)), plain,
+                             atol=2e-5)
+  np.testing.assert_allclose(_oracle_sample(guidance.CFG(2.5, interval=(0.0, np.inf))), plain,
+                             atol=1e-6)
+  np.testing.assert_allclose(_oracle_sample(guidance.CFG(2.5, interval=(1e3, 2e3))),
+                             _oracle_sample(guidance.CFG(1.0)), atol=1e-6)
+  # CFG++ at λ = 1 with DDIM renoises with ε_u; at λ = 0 it is the unconditional sampler.
+  np.testing.assert_allclose(_oracle_sample(guidance.CFGPlusPlus(0.0)),
+                             _oracle_sample(guidance.CFG(0.0)), atol=1e-6)
+
+
+def test_apg_shrinks_the_update_against_cfg_on_gaussian_data():
+  """At a large scale APG (η = 0, capped) stays nearer the class than CFG overshoots."""
+  labels = np.zeros(64, int)
+  kw = dict(image_shape=(2,), num_steps=20, clip_denoised=False, null_label=NULL)
+  cfg = sampling.sample(jax.random.key(1), ORACLE.eps, SCHEDULE, labels, guidance_scale=8.0,
+                        **kw)
+  apg = sampling.sample(jax.random.key(1), ORACLE.eps, SCHEDULE, labels,
+                        guidance=guidance.APG(8.0, norm_threshold=1.0), **kw)
+  dist = lambda x: float(np.linalg.norm(np.asarray(x).mean(0) - MEANS[0]))
+  assert dist(apg) < dist(cfg)
+
+
+@pytest.mark.parametrize("rule", [
+    guidance.CFG(jnp.array([0.0, 1.0, 2.5]), interval=(0.3, 4.0), rescale=0.5),
+    guidance.APG(jnp.array([1.0, 4.0]), eta=0.2, momentum=-0.5, norm_threshold=2.0),
+    guidance.CFGPlusPlus(jnp.array([0.2, 0.8])),
+    guidance.Autoguidance(jnp.array([1.5, 3.0]), Partial(eps_jax, a=A_WEAK)),
+])
+def test_scale_sweep_equals_separate_calls(rule):
+  kw = dict(image_shape=(D,), num_steps=5, null_label=NULL, eta=0.5)
+  swept = sampling.sample(jax.random.key(2), eps_jax, SCHEDULE, LABELS, guidance=rule, **kw)
+  assert swept.shape == (len(rule.scale), B, D)
+  for i, scale in enumerate(np.asarray(rule.scale)):
+    one = sampling.sample(jax.random.key(2), eps_jax, SCHEDULE, LABELS,
+                          guidance=rule.replace(scale=float(scale)), **kw)
+    np.testing.assert_allclose(swept[i], one, rtol=1e-5, atol=1e-5)
+
+
+def test_no_numeric_field_of_a_rule_recompiles(monkeypatch):
+  ref.install_trace_counter(monkeypatch, n=4)  # one program per kind of rule below
+  kw = dict(image_shape=(D,), num_steps=4, null_label=NULL, method="ddim")
+  weak_params = [A_WEAK, A_WEAK * 2]
+  weak = lambda x, t, y, a: eps_jax(x, t, y, a)
+  for i in range(2):
+    for rule in [
+        guidance.CFG(2.0 + i, interval=(0.1 * (i + 1), 3.0 + i), rescale=0.3 * i),
+        guidance.APG(2.0 + i, eta=0.5 * i, momentum=-0.5 * i, norm_threshold=float(i)),
+        guidance.CFGPlusPlus(0.3 + 0.5 * i),
+        guidance.Autoguidance(2.0 + i, Partial(weak, a=jnp.asarray(weak_params[i]))),
+    ]:
+      sampling.sample(jax.random.key(i), eps_jax, SCHEDULE, LABELS, guidance=rule,
+                      dynamic_threshold=0.9 + 0.05 * i, eta=0.1 * i, **kw)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: guidance.CFG(2.0, interval=(1.0, 0.5)), "0 <= sigma_lo < sigma_hi"),
+    (lambda: guidance.CFG(2.0, interval=(-1.0, 0.5)), "0 <= sigma_lo < sigma_hi"),
+    (lambda: guidance.CFG(2.0, interval=(1.0,)), r"interval must be \(sigma_lo, sigma_hi\)"),
+    (lambda: guidance.CFG(2.0, weight_schedule="square"), "Unknown weight_schedule"),
+    (lambda: guidance.CFG(2.0, rescale=1.5), r"rescale must be a finite scalar in \[0, 1\]"),
+    (lambda: guidance.CFG(np.ones((2, 2))), "1-D array of scales"),
+    (lambda: guidance.CFG(float("nan")), "CFG scale must be"),
+    (lambda: guidance.APG(2.0, eta=float("inf")), "APG eta must be a finite scalar"),
+    (lambda: guidance.APG(2.0, momentum=[0.1, 0.2]), "APG momentum must be a finite scalar"),
+    (lambda: guidance.CFGPlusPlus(1.5), r"CFGPlusPlus scale must be .* in \[0, 1\]"),
+    (lambda: guidance.Autoguidance(2.0, weak_eps_fn=3), "weak_eps_fn must be callable"),
+])
+def test_bad_rule_fields_raise_one_line_errors(make, message):
+  with pytest.raises(ValueError, match=message) as info:
+    make()
+  assert "\n" not in str(info.value)
