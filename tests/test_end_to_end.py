@@ -44,7 +44,7 @@ def test_resume_and_contradicting_config(workdir):
 
 def test_sample_cli_writes_the_evaluator_layout_deterministically(workdir, tmp_path):
   out = tmp_path / "s.npz"
-  args = ["sample.py", "--workdir", workdir, "--out", out, "--num_samples", 12, "--num_steps", 3,
+  args = ["sample.py", "--workdir", workdir, "--out", out, "--num_samples", 12, "--num_steps", 4,
           "--batch_size", 8, "--guidance_scale", 2]
   result = run(*args)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_sample_cli_writes_the_evaluator_layout_deterministically(workdir, tmp_p
   with np.load(out) as f:
     np.testing.assert_array_equal(f["arr_0"], images)
   guided = run("sample.py", "--workdir", workdir, "--out", tmp_path / "cg.npz", "--num_samples",
-               4, "--num_steps", 3, "--guidance_scale", 0, "--classifier_scale", 2,
+               4, "--num_steps", 4, "--guidance_scale", 0, "--classifier_scale", 2,
                "--labels", "7")
   assert guided.returncode == 0, guided.stderr[-3000:]
   with np.load(tmp_path / "cg.npz") as f:
@@ -89,7 +89,7 @@ def test_evaluate_and_sweep(workdir, tmp_path):
   assert 0.5 < net.test_accuracy <= 1.0
   assert evalnet.load_or_train("digits", evalnet_dir).test_accuracy == net.test_accuracy
   rows = sweep.run_sweep(workdir=str(workdir), guidance_scales=(0.0, 3.0),
-                         classifier_scales=(1.0,), num_samples=20, num_steps=3,
+                         classifier_scales=(1.0,), num_samples=20, num_steps=4,
                          out_dir=str(tmp_path / "sweep"), evalnet_dir=evalnet_dir)
   assert [(r["guidance"], r["scale"]) for r in rows] == [
       ("classifier-free", 0.0), ("classifier-free", 3.0), ("classifier", 1.0)]
