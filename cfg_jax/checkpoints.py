@@ -95,7 +95,7 @@ def _existing_step(mngr, step: Optional[int]) -> int:
   if step not in steps:
     raise CheckpointError(f"No checkpoint of step {step} in {mngr.directory} (it keeps steps "
                           f"{', '.join(map(str, steps))}); pick one of those, or keep it when "
-                          f"training with --config.train.keep_steps={step}.")
+                          f"training with --config.train.keep_steps='({step},)'.")
   return step
 
 
