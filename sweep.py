@@ -29,7 +29,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed: the same x_T at every scale.")
 _METHOD = flags.DEFINE_enum("method", "ddim", ["ddim", "ddpm", "dpmpp_2m"], "Sampler "
                             "(dpmpp_2m: DPM-Solver++(2M)).")
 _STEPS = flags.DEFINE_integer("num_steps", 50, "Denoising steps.")
-_BATCH = flags.DEFINE_integer("batch_size", 500, "Images per compiled sampler call.")
+_BATCH = flags.DEFINE_integer("batch_size", 500, "Images per scale in each compiled sampler "
+                             "call (all scales of the rule are sampled together).")
 _OUT = flags.DEFINE_string("out_dir", None, "Output folder; default WORKDIR/sweep.")
 _EVALNET = flags.DEFINE_string("evalnet_dir", None, "Evaluation network; trained there if "
                                "absent (default ~/.cache/cfg_jax/evalnet/DATASET).")

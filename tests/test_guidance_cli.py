@@ -145,7 +145,6 @@ def test_swept_generate_equals_separate_calls(model):
                               guidance=rule.replace(scale=scale), **kwargs)
     diff = np.abs(swept[g].astype(int) - alone.astype(int))
     assert diff.max() <= 1 and np.mean(diff == 0) > 0.99  # float rounding at most
-  assert np.any(swept[0] != swept[1])
 
 
 @pytest.mark.slow
