@@ -2,20 +2,27 @@
 
   python sample.py --workdir runs/digits --out samples.npz --guidance_scale 3
   python sample.py --workdir runs/digits --out cg.npz --guidance_scale 0 --classifier_scale 4
+  python sample.py --workdir runs/digits --guidance_scale 3 --interval 0.28,5.42 --rescale 0.7
+  python sample.py --workdir runs/digits --guidance apg --guidance_scale 4 --apg_momentum -0.5
+  python sample.py --workdir runs/digits --guidance autoguidance --guidance_scale 2 \
+      --weak_step 500 --method dpmpp_2m --num_steps 15 --timestep_spacing trailing
 """
 
 from absl import app, flags
 
-from cfg_jax import cli
+from cfg_jax import cli, sampler_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Training workdir to load.")
 _OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz (a .png grid goes beside it).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 100, "How many images.")
 _LABELS = flags.DEFINE_string("labels", None, "Comma-separated class ids, cycled to "
                               "num_samples; default: balanced over all classes.")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", 3.0, "Classifier-free γ (0 unconditional, "
-                               "1 conditional; Ho & Salimans' w = γ − 1).")
-_METHOD = flags.DEFINE_enum("method", "ddim", ["ddim", "ddpm"], "Sampler.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "The --guidance rule's scale; for cfg "
+                               "γ (0 unconditional, 1 conditional; Ho & Salimans' w = γ − 1). "
+                               "Default 3 (cfg, apg), 0.6 (cfgpp), 2 (autoguidance).")
+sampler_flags.define()
+_METHOD = flags.DEFINE_enum("method", "ddim", ["ddim", "ddpm", "dpmpp_2m"], "Sampler "
+                            "(dpmpp_2m: DPM-Solver++(2M)).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 50, "Denoising steps.")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM η (0 deterministic).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -32,8 +39,9 @@ def main(argv):
 
   npz, png = cli.run_or_exit(lambda: generate.sample_to_npz(
       workdir=_WORKDIR.value, out=_OUT.value, num_samples=_NUM_SAMPLES.value,
-      labels=cli.parse_labels(_LABELS.value), guidance_scale=_GUIDANCE.value,
-      method=_METHOD.value,
+      labels=cli.parse_labels(_LABELS.value),
+      rule=dict(guidance_scale=_GUIDANCE.value, **sampler_flags.rule_keywords()),
+      method=_METHOD.value, **sampler_flags.sampler_keywords(),
       num_steps=_NUM_STEPS.value, eta=_ETA.value, seed=_SEED.value, batch_size=_BATCH.value,
       classifier_scale=_CLS_SCALE.value, classifier_workdir=_CLS_WORKDIR.value,
       overwrite=_OVERWRITE.value))

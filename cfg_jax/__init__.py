@@ -7,8 +7,9 @@
 __version__ = "0.1.0"
 
 
-def load(workdir: str, classifier_workdir=None):
-  """The trained model in `workdir` as a `cfg_jax.pipeline.Pipeline`."""
+def load(workdir: str, classifier_workdir=None, step=None):
+  """The trained model in `workdir` (at `step`, default the latest) as a
+  `cfg_jax.pipeline.Pipeline`."""
   from cfg_jax import pipeline  # imported on use: `import cfg_jax` stays light
 
-  return pipeline.load(workdir, classifier_workdir)
+  return pipeline.load(workdir, classifier_workdir, step)

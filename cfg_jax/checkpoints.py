@@ -14,8 +14,18 @@ class CheckpointError(ValueError):
   """A checkpoint that is missing, unreadable or made with another config."""
 
 
-def manager(directory: str, max_to_keep: Optional[int] = 3, create: bool = True):
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+def manager(directory: str, max_to_keep: Optional[int] = 3, create: bool = True,
+            keep_steps: Iterable[int] = ()):
+  """A manager keeping the latest `max_to_keep` checkpoints, and those of `keep_steps` forever
+  (e.g. an early model to serve as autoguidance's weak model)."""
+  keep_steps = tuple(int(s) for s in keep_steps)
+  if not keep_steps:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+  else:
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(create=create, preservation_policy=(
+        policies.AnyPreservationPolicy([policies.LatestN(max_to_keep),
+                                        policies.CustomSteps(keep_steps)])))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -47,10 +57,7 @@ def restore_subtree(directory: str, name: str, abstract_tree, step: Optional[int
   is never read, and the target needs only shapes and dtypes (`models.abstract`).
   """
   mngr = manager(directory, create=False)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f"No checkpoint in {mngr.directory}; train one first with "
-                          "`python train.py --workdir ...`.")
+  step = _existing_step(mngr, step)
   target = {name: abstract_tree}
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -63,19 +70,37 @@ def restore_subtree(directory: str, name: str, abstract_tree, step: Optional[int
   return jax.tree_util.tree_map(jax.numpy.asarray, restored.state[name])
 
 
-def read_config(directory: str) -> dict:
-  """The config saved with the latest checkpoint in `directory`, without the state."""
+def read_config(directory: str, step: Optional[int] = None) -> dict:
+  """The config saved with the checkpoint of `step` (default: the latest) in `directory`,
+  without the state."""
   if not os.path.isdir(directory):
     raise CheckpointError(f"No checkpoint directory {directory}; train one first with "
                           "`python train.py --workdir ...`.")
-  return _saved_config(manager(directory, create=False))
+  return _saved_config(manager(directory, create=False), step)
 
 
-def _saved_config(mngr) -> dict:
-  step = mngr.latest_step()
-  if step is None:
+def latest_step(directory: str) -> Optional[int]:
+  return manager(directory, create=False).latest_step()
+
+
+def _existing_step(mngr, step: Optional[int]) -> int:
+  """`step` (default: the latest) after checking that it was saved and kept."""
+  latest = mngr.latest_step()
+  if latest is None:
     raise CheckpointError(f"No checkpoint in {mngr.directory}; train one first with "
                           "`python train.py --workdir ...`.")
+  if step is None:
+    return latest
+  steps = sorted(mngr.all_steps())
+  if step not in steps:
+    raise CheckpointError(f"No checkpoint of step {step} in {mngr.directory} (it keeps steps "
+                          f"{', '.join(map(str, steps))}); pick one of those, or keep it when "
+                          f"training with --config.train.keep_steps='({step},)'.")
+  return step
+
+
+def _saved_config(mngr, step: Optional[int] = None) -> dict:
+  step = _existing_step(mngr, step)
   try:
     return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
   except Exception as e:

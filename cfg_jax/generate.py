@@ -3,12 +3,14 @@ sweeps run), and `sample.py`'s whole job: sample, then write the `.npz` and a PN
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
-from cfg_jax import io, pipeline as pipeline_lib
+from cfg_jax import checkpoints, guidance as guidance_lib, io, pipeline as pipeline_lib
+from cfg_jax.train import diffusion as diffusion_training
 
 
 def generate(key, model: pipeline_lib.Pipeline, labels: Sequence[int], *, batch_size: int = 256,
@@ -16,7 +18,9 @@ def generate(key, model: pipeline_lib.Pipeline, labels: Sequence[int], *, batch_
   """One uint8 NHWC image per label, sampled in batches of `batch_size`.
 
   The last batch is padded to full size so every batch reuses one compiled sampler; batch
-  i uses `fold_in(key, i)`.
+  i uses `fold_in(key, i)`. A swept scale (a 1-D array of G scales as `guidance_scale` or as
+  the scale of `guidance`) gives (G, N, H, W, C), all G from one compiled call per batch
+  with the same x_T for every scale.
   """
   from tqdm.auto import tqdm
 
@@ -28,9 +32,36 @@ def generate(key, model: pipeline_lib.Pipeline, labels: Sequence[int], *, batch_
   for i, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress)):
     chunk = labels[start:start + batch_size]
     padded = np.resize(chunk, min(batch_size, len(labels)))
-    x = model.sample(jax.random.fold_in(key, i), padded, **sample_options)
-    out.append(io.to_uint8(x)[:len(chunk)])
-  return np.concatenate(out) if out else np.zeros((0, *model.image_shape), np.uint8)
+    x = io.to_uint8(model.sample(jax.random.fold_in(key, i), padded, **sample_options))
+    swept = x.ndim == len(model.image_shape) + 2  # (G, B, ...): the batch is axis 1
+    out.append(x[:, :len(chunk)] if swept else x[:len(chunk)])
+  if not out:
+    return np.zeros((0, *model.image_shape), np.uint8)
+  return np.concatenate(out, axis=1 if swept else 0)
+
+
+def guidance_rule(model: pipeline_lib.Pipeline, workdir: str, guidance: str = "cfg",
+                  guidance_scale=None, *, weak_workdir: Optional[str] = None,
+                  weak_step: Optional[int] = None, method: Optional[str] = None, **options):
+  """The guidance rule that sample.py/sweep.py's flags describe, for `model` (loaded from
+  `workdir`); loads autoguidance's weak model from `weak_workdir` (default: `workdir`) at
+  `weak_step` (default: its latest). `options` are `guidance.make_rule`'s."""
+  wants_weak = weak_workdir is not None or weak_step is not None
+  if wants_weak and guidance != "autoguidance":
+    raise ValueError(f"--weak_workdir and --weak_step apply to --guidance=autoguidance only, "
+                     f"not --guidance={guidance}.")
+  weak_eps_fn = None
+  if guidance == "autoguidance" and wants_weak:
+    weak_workdir = weak_workdir or workdir
+    if os.path.abspath(weak_workdir) == os.path.abspath(workdir):
+      latest = checkpoints.latest_step(os.path.join(weak_workdir,
+                                                  diffusion_training.CHECKPOINT_DIR))
+      if weak_step is None or weak_step == latest:
+        raise ValueError(f"The weak model would be the main model itself (step {latest}); "
+                         "pass an earlier --weak_step or another --weak_workdir.")
+    weak_eps_fn = pipeline_lib.load_weak(model, weak_workdir, weak_step).eps_fn
+  return guidance_lib.make_rule(guidance, guidance_scale, method=method,
+                                weak_eps_fn=weak_eps_fn, **options)
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -41,9 +72,13 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 def sample_to_npz(*, workdir: str, out: str, num_samples: int,
                   labels: Optional[Sequence[int]] = None, seed: int = 0, batch_size: int = 256,
                   classifier_workdir: Optional[str] = None, overwrite: bool = False,
-                  **sample_options) -> tuple[str, str]:
+                  rule: Optional[dict] = None, **sample_options) -> tuple[str, str]:
   """Loads the EMA model, samples `num_samples` images (labels cycled, default balanced),
-  and writes the .npz and a PNG grid beside it; returns both paths."""
+  and writes the .npz and a PNG grid beside it; returns both paths.
+
+  `rule` holds `guidance_rule`'s keywords (the --guidance flags); the rule it builds is
+  passed to the sampler as `guidance`.
+  """
   if num_samples < 1:
     raise ValueError(f"--num_samples must be positive, got {num_samples}.")
   io.check_output_free(out, overwrite)
@@ -60,6 +95,9 @@ def sample_to_npz(*, workdir: str, out: str, num_samples: int,
   if sample_options.get("classifier_scale", 0) != 0 and model.classifier_fn is None:
     raise ValueError(f"--classifier_scale needs a noisy classifier, but {workdir} has none; "
                      "train one (config.classifier.num_steps > 0) or pass --classifier_workdir.")
+  if rule is not None:
+    sample_options["guidance"] = guidance_rule(model, workdir,
+                                               method=sample_options.get("method"), **rule)
   samples = generate(jax.random.key(seed), model, label_array, batch_size=batch_size,
                      progress=True, **sample_options)
   npz = io.write_npz(out, samples, label_array, overwrite)

@@ -4,6 +4,11 @@
     model = cfg_jax.load("runs/digits")
     x0 = model.sample(jax.random.key(0), labels=[3, 3, 7], guidance_scale=3.0)
 
+Autoguidance's weak model is another pipeline, e.g. an earlier (kept) step of the same run:
+
+    weak = cfg_jax.pipeline.load_weak(model, "runs/digits", step=500)
+    x0 = model.sample(key, labels, guidance=guidance.Autoguidance(2.0, weak.eps_fn))
+
 `load` restores only what sampling needs: the EMA parameters of the ε-network (and the
 noisy classifier's parameters, when the workdir has one), restored partially into
 abstract targets, with no random init and no optimizer state. The functional
@@ -18,6 +23,7 @@ import os
 from typing import Optional
 
 import ml_collections
+import numpy as np
 from jax.tree_util import Partial
 
 from cfg_jax import checkpoints, data, models, sampling, schedules
@@ -66,17 +72,41 @@ class Pipeline:
                            **{**defaults, **options})
 
 
-def load(workdir: str, classifier_workdir: Optional[str] = None) -> Pipeline:
-  """The EMA model of `workdir`, with the noisy classifier of `classifier_workdir`
-  (default: the same workdir) when one has been trained there."""
-  directory = os.path.join(workdir, diffusion_training.CHECKPOINT_DIR)
-  config = ml_collections.ConfigDict(checkpoints.read_config(directory))
-  graphdef, abstract_params = models.abstract(unet.UNet, models.model_config(config))
-  ema_params = checkpoints.restore_subtree(directory, "ema_params", abstract_params)
+def load(workdir: str, classifier_workdir: Optional[str] = None,
+         step: Optional[int] = None) -> Pipeline:
+  """The EMA model of `workdir` at `step` (default: the latest), with the noisy classifier
+  of `classifier_workdir` (default: the same workdir) when one has been trained there."""
+  config, eps_fn = _load_eps(os.path.join(workdir, diffusion_training.CHECKPOINT_DIR), step)
   classifier_fn = _load_classifier(classifier_workdir or workdir, config,
                                    required=classifier_workdir is not None)
-  return Pipeline.from_config(config, Partial(models.apply, graphdef, ema_params),
-                              classifier_fn)
+  return Pipeline.from_config(config, eps_fn, classifier_fn)
+
+
+def load_weak(main: Pipeline, workdir: str, step: Optional[int] = None) -> Pipeline:
+  """Autoguidance's weak model: the EMA model of `workdir` at `step` (default: the latest),
+  e.g. an early kept step of the main run or a smaller or shorter run. It must share the
+  main model's data set (so image shape and classes) and noise schedule."""
+  directory = os.path.join(workdir, diffusion_training.CHECKPOINT_DIR)
+  saved = checkpoints.read_config(directory, step)
+  diffs = checkpoints.config_differences(saved, main.config.to_dict(), _SHARED_SECTIONS)
+  if diffs:
+    raise checkpoints.CheckpointError(
+        f"The weak model in {directory} does not match the main model ({'; '.join(diffs)}); "
+        "train it with the same data set and schedule.")
+  weak = Pipeline.from_config(*_load_eps(directory, step))
+  if (weak.image_shape, weak.num_classes) != (main.image_shape, main.num_classes) or not (
+      np.array_equal(weak.schedule.alphas_cumprod, main.schedule.alphas_cumprod)):
+    raise checkpoints.CheckpointError(f"The weak model in {directory} has another image "
+                                      "shape, classes or schedule than the main model.")
+  return weak
+
+
+def _load_eps(directory: str, step: Optional[int]):
+  """(config, ε-function over the EMA parameters) of the checkpoint of `step`."""
+  config = ml_collections.ConfigDict(checkpoints.read_config(directory, step))
+  graphdef, abstract_params = models.abstract(unet.UNet, models.model_config(config))
+  ema_params = checkpoints.restore_subtree(directory, "ema_params", abstract_params, step)
+  return config, Partial(models.apply, graphdef, ema_params)
 
 
 def _load_classifier(workdir: str, diffusion_config, required: bool) -> Optional[Partial]:

@@ -52,6 +52,9 @@ def get_config():
       log_every=100,
       checkpoint_every=1000,
       max_checkpoints_to_keep=3,
+      # Kept forever besides the latest: an early model for autoguidance's weak model
+      # (python sample.py --guidance=autoguidance --weak_step=500).
+      keep_steps=(500,),
   )
 
   # The noisy classifier p_φ(y | x_t, t) for classifier guidance, trained after the

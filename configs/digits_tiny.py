@@ -16,6 +16,7 @@ def get_config():
   config.train.batch_size = 16
   config.train.log_every = 2
   config.train.checkpoint_every = 2
+  config.train.keep_steps = ()
   config.classifier.num_steps = 2
   config.classifier.batch_size = 16
   config.sampling.num_steps = 4  # divides T = 1000: "leading" starts at pure noise

@@ -1,7 +1,8 @@
 """Guidance sweeps: sample one trained model at several scales and score every set.
 
-All scales use the same seed (so the same x_T) and the same balanced labels; the sampler is
-compiled once, since scales are traced values.
+All scales use the same seed (so the same x_T) and the same balanced labels. The scales of
+the guidance rule are sampled together, as one compiled call per batch (a 1-D array of
+scales); classifier-guidance scales reuse one compiled sampler, since scales are traced.
 """
 
 from __future__ import annotations
@@ -12,20 +13,31 @@ import os
 from typing import Optional, Sequence
 
 import jax
+import numpy as np
 from absl import logging
 
 from cfg_jax import data, generate, io, pipeline
 from cfg_jax.evaluation import METRIC_NAMES, evalnet as evalnet_lib, evaluate, format_table
 
 FILES = ("sweep.json", "sweep.csv", "sweep.png")
+# The scales swept when none are given, by --guidance.
+DEFAULT_SCALES = {"cfg": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0), "apg": (1.0, 2.0, 3.0, 5.0, 8.0),
+                  "cfgpp": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "autoguidance": (1.0, 1.5, 2.0, 3.0)}
 
 
 def run_sweep(*, workdir: str, guidance_scales: Sequence[float] = (),
               classifier_scales: Sequence[float] = (), classifier_base_guidance: float = 0.0,
               num_samples: int = 1000, seed: int = 0, method: str = "ddim", num_steps: int = 50,
               batch_size: int = 500, out_dir: Optional[str] = None,
-              evalnet_dir: Optional[str] = None, overwrite: bool = False) -> list[dict]:
-  """Returns one row per scale and writes sweep.{json,csv,png} to out_dir."""
+              evalnet_dir: Optional[str] = None, overwrite: bool = False,
+              rule: Optional[dict] = None, **sample_options) -> list[dict]:
+  """Returns one row per scale and writes sweep.{json,csv,png} to out_dir.
+
+  `guidance_scales` are the scales of the rule that `rule` describes
+  (`generate.guidance_rule`'s keywords, e.g. {"guidance": "apg", "apg_momentum": -0.5};
+  default plain CFG), all sampled in one compiled call per batch. `sample_options` go to
+  the sampler (e.g. timestep_spacing, dynamic_threshold).
+  """
   from tqdm.auto import tqdm
 
   out_dir = out_dir or os.path.join(workdir, "sweep")
@@ -37,27 +49,46 @@ def run_sweep(*, workdir: str, guidance_scales: Sequence[float] = (),
   config = model.config
   if classifier_scales and model.classifier_fn is None:
     raise ValueError(f"--classifier_scales needs a noisy classifier, but {workdir} has none.")
+  rule = dict(rule or {})
+  guided = None
+  if guidance_scales:  # built before the evaluation network: bad flags fail fast
+    guided = generate.guidance_rule(model, workdir, guidance_scale=np.asarray(
+        guidance_scales, np.float32), method=method, **rule)
   data_dir = config.data.data_dir or None
   net = evalnet_lib.load_or_train(config.data.name, evalnet_dir, data_dir)
   test, train = (data.load_split(config.data.name, s, data_dir) for s in ("test", "train"))
   labels = generate.balanced_labels(num_samples, model.num_classes)
-  runs = [("classifier-free", float(g), dict(guidance_scale=float(g))) for g in guidance_scales]
-  runs += [("classifier", float(s), dict(guidance_scale=classifier_base_guidance,
-                                         classifier_scale=float(s)))
-           for s in classifier_scales]
+  options = dict(method=method, num_steps=num_steps, batch_size=batch_size, **sample_options)
+  runs = []  # (name, scales, samples of shape (G, N, H, W, C)), sampled as they are scored
+  if guided is not None:
+    runs.append((rule_name(rule), guidance_scales, lambda: generate.generate(
+        jax.random.key(seed), model, labels, guidance=guided, progress=True, **options)))
+  for s in classifier_scales:
+    runs.append(("classifier", (s,), lambda s=s: generate.generate(
+        jax.random.key(seed), model, labels, guidance_scale=classifier_base_guidance,
+        classifier_scale=float(s), **options)[None]))
   rows = []
-  for kind, scale, kwargs in tqdm(runs, desc="sweep", unit="scale"):
-    samples = generate.generate(jax.random.key(seed), model, labels, batch_size=batch_size,
-                                method=method, num_steps=num_steps, **kwargs)
-    row = {"guidance": kind, "scale": scale,
-           **evaluate(samples, labels, net, test, train)}
-    rows.append(row)
-    logging.info("%s %g: %s", kind, scale, {k: round(row[k], 4) for k in METRIC_NAMES})
+  for name, scales, draw in tqdm(runs, desc="sweep", unit="rule"):
+    for scale, samples in zip(scales, draw()):
+      row = {"guidance": name, "scale": float(scale),
+             **evaluate(samples, labels, net, test, train)}
+      rows.append(row)
+      logging.info("%s %g: %s", name, scale, {k: round(row[k], 4) for k in METRIC_NAMES})
   os.makedirs(out_dir, exist_ok=True)
   write_table(rows, out_dir, evalnet_accuracy=net.test_accuracy)
+  settings = "".join(f", {k}={v}" for k, v in sample_options.items() if v is not None)
   plot(rows, os.path.join(out_dir, "sweep.png"), title=f"{config.data.name}: {num_samples} "
-       f"samples per scale, {method} {num_steps} steps")
+       f"samples per scale, {method} {num_steps} steps{settings}")
   return rows
+
+
+def rule_name(rule: dict) -> str:
+  """A row's name for a rule: "classifier-free" (plain CFG, as before), "apg", ..., with
+  the options given, e.g. "classifier-free (interval=0.28,5.42 rescale=0.7)"."""
+  kind = rule.get("guidance", "cfg")
+  name = "classifier-free" if kind == "cfg" else kind
+  options = " ".join(f"{k}={v}" for k, v in rule.items() if k != "guidance" and v is not None)
+  return f"{name} ({options})" if options else name
 
 
 def write_table(rows, out_dir, evalnet_accuracy):
@@ -78,12 +109,11 @@ def plot(rows, path, title=""):
 
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
   panels = [("accuracy", "fid"), ("inception_score", "fid"), ("recall", "precision")]
-  symbols = {"classifier-free": ("o-", "γ"), "classifier": ("s--", "s")}
+  names = list(dict.fromkeys(r["guidance"] for r in rows))  # in order of appearance
   for ax, (x_key, y_key) in zip(axes, panels):
-    for kind, (style, letter) in symbols.items():
+    for kind in names:
+      style, letter = ("s--", "s") if kind == "classifier" else ("o-", "γ")
       sub = [r for r in rows if r["guidance"] == kind]
-      if not sub:
-        continue
       ax.plot([r[x_key] for r in sub], [r[y_key] for r in sub], style, label=kind)
       for r in sub:
         ax.annotate(f"{letter}={r['scale']:g}", (r[x_key], r[y_key]), fontsize=8,

@@ -58,5 +58,5 @@ def train(config, workdir: str, train_split: data.Split, mesh=None):
       ema_decay=config.train.ema_decay, split=train_split, seed=config.seed,
       batch_size=config.train.batch_size, num_steps=config.train.num_steps, workdir=workdir,
       checkpoint_dir=os.path.join(workdir, CHECKPOINT_DIR), config=config,
-      state_sections=STATE_SECTIONS, mesh=mesh)
+      state_sections=STATE_SECTIONS, keep_steps=config.train.get("keep_steps", ()), mesh=mesh)
   return graphdef, state

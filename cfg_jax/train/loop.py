@@ -171,6 +171,7 @@ def fit(
     ema_decay: Optional[float] = None,
     log_every: Optional[int] = None,
     checkpoint_every: Optional[int] = None,
+    keep_steps: Sequence[int] = (),
     mesh=None,
 ) -> TrainState:
   """Trains `params` with `loss_fn` on `split` to `num_steps`; the final TrainState.
@@ -179,7 +180,8 @@ def fit(
   repeats an uninterrupted one exactly. With `checkpoint_dir`, training resumes from its
   latest checkpoint (after `state_sections` of `config` are checked against the saved
   config) and saves every `checkpoint_every` steps and at the end; `log_every`,
-  `checkpoint_every` and the number kept default to `config.train`'s.
+  `checkpoint_every` and the number kept default to `config.train`'s. The checkpoints of
+  `keep_steps` are saved too and never deleted.
   """
   mesh = mesh or data_mesh()
   check_batch_size(batch_size, mesh)
@@ -189,7 +191,8 @@ def fit(
   state = init_state(params, tx, with_ema=ema_decay is not None)
   mngr = None
   if checkpoint_dir is not None:
-    mngr = checkpoints.manager(checkpoint_dir, config.train.max_checkpoints_to_keep)
+    mngr = checkpoints.manager(checkpoint_dir, config.train.max_checkpoints_to_keep,
+                               keep_steps=keep_steps)
     state = checkpoints.resume(mngr, state, config.to_dict(), state_sections)
     if int(state.step):
       console.say(f"Resuming {description} from step {int(state.step)}.")
@@ -202,7 +205,7 @@ def fit(
         key=jax.random.key(seed), num_steps=num_steps, manager=mngr,
         config_dict=None if config is None else config.to_dict(), writer=writer,
         log_every=log_every, checkpoint_every=checkpoint_every or num_steps,
-        batch_size=batch_size, description=description)
+        batch_size=batch_size, description=description, keep_steps=keep_steps)
   finally:
     if mngr is not None:
       mngr.wait_until_finished()
@@ -224,6 +227,7 @@ def run_loop(
     checkpoint_every: int,
     batch_size: int,
     description: str,
+    keep_steps: Sequence[int] = (),
 ) -> TrainState:
   """Runs `train_step` from `state.step` to `num_steps`, logging and checkpointing.
 
@@ -251,7 +255,8 @@ def run_loop(
       writer.write(done, metrics)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                       img_s=f"{metrics['images_per_second']:.0f}")
-    if manager is not None and (done % checkpoint_every == 0 or done == num_steps):
+    if manager is not None and (done % checkpoint_every == 0 or done == num_steps
+                                or done in keep_steps):
       checkpoints.save(manager, done, state, config_dict)
     bar.update(1)
   bar.close()
