@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import math
+
 import jax
 import numpy as np
 
-from cfg_jax import io, pipeline as pipeline_lib
+from cfg_jax import errors, io, pipeline as pipeline_lib
 
 
 def generate(key, model: pipeline_lib.Pipeline, labels: Sequence[int], *, batch_size: int = 256,
@@ -22,7 +24,7 @@ def generate(key, model: pipeline_lib.Pipeline, labels: Sequence[int], *, batch_
 
   labels = np.asarray(labels, np.int32)
   if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    raise errors.InputError(f"--batch_size must be positive, got {batch_size}.")
   out = []
   starts = range(0, len(labels), batch_size)
   for i, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress)):
@@ -31,6 +33,24 @@ def generate(key, model: pipeline_lib.Pipeline, labels: Sequence[int], *, batch_
     x = model.sample(jax.random.fold_in(key, i), padded, **sample_options)
     out.append(io.to_uint8(x)[:len(chunk)])
   return np.concatenate(out) if out else np.zeros((0, *model.image_shape), np.uint8)
+
+
+def check_sample_options(model: pipeline_lib.Pipeline, *, batch_size: int = 1,
+                         num_steps=None, eta=None, method=None, **scales) -> None:
+  """Raises an InputError for a sampler flag that cannot work, before anything is sampled
+  (the sampler's own checks are for library callers)."""
+  if batch_size < 1:
+    raise errors.InputError(f"--batch_size must be positive, got {batch_size}.")
+  T = model.schedule.num_timesteps
+  if num_steps is not None and not 1 <= num_steps <= T:
+    raise errors.InputError(f"--num_steps must be an int in 1..{T}, got {num_steps}.")
+  if eta is not None and not (math.isfinite(eta) and eta >= 0):
+    raise errors.InputError(f"--eta must be a finite number >= 0, got {eta}.")
+  if method == "ddpm" and eta:
+    raise errors.InputError("--eta applies to --method=ddim only; DDPM's noise is fixed.")
+  for name, value in scales.items():
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+      raise errors.InputError(f"--{name} must be a finite number, got {value}.")
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -45,20 +65,23 @@ def sample_to_npz(*, workdir: str, out: str, num_samples: int,
   """Loads the EMA model, samples `num_samples` images (labels cycled, default balanced),
   and writes the .npz and a PNG grid beside it; returns both paths."""
   if num_samples < 1:
-    raise ValueError(f"--num_samples must be positive, got {num_samples}.")
+    raise errors.InputError(f"--num_samples must be positive, got {num_samples}.")
   io.check_output_free(out, overwrite)
   io.check_output_free(io.grid_path_beside(out), overwrite)
+  if batch_size < 1:
+    raise errors.InputError(f"--batch_size must be positive, got {batch_size}.")
   model = pipeline_lib.load(workdir, classifier_workdir)
+  check_sample_options(model, batch_size=batch_size, **sample_options)
   if labels is None:
     label_array = balanced_labels(num_samples, model.num_classes)
   else:
     label_array = np.resize(np.asarray(labels, np.int64), num_samples)
   bad = label_array[(label_array < 0) | (label_array >= model.num_classes)]
   if bad.size:
-    raise ValueError(f"label {bad[0]} is out of range; this model's classes are "
+    raise errors.InputError(f"label {bad[0]} is out of range; this model's classes are "
                      f"0..{model.num_classes - 1}.")
   if sample_options.get("classifier_scale", 0) != 0 and model.classifier_fn is None:
-    raise ValueError(f"--classifier_scale needs a noisy classifier, but {workdir} has none; "
+    raise errors.InputError(f"--classifier_scale needs a noisy classifier, but {workdir} has none; "
                      "train one (config.classifier.num_steps > 0) or pass --classifier_workdir.")
   samples = generate(jax.random.key(seed), model, label_array, batch_size=batch_size,
                      progress=True, **sample_options)
