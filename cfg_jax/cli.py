@@ -67,7 +67,9 @@ def parse_flags_or_exit(argv):
 def config_value(holder):
   """The `--config` flag's ConfigDict; a file that cannot be loaded is a ConfigError."""
   try:
-    return holder.value
+    config = holder.value
+    config.get("seed")  # a file that failed to load raises on first use, not on .value
+    return config
   except OSError as e:  # ml_collections loads the file lazily, on first access
     raise errors.ConfigError(f"cannot load the --config file ({str(e).splitlines()[-1].strip()});"
                              " pass an existing file, e.g. --config configs/digits.py.") from None

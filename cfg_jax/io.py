@@ -26,7 +26,7 @@ def to_uint8(images) -> np.ndarray:
   """
   images = np.asarray(images, np.float32)
   if not np.isfinite(images).all():
-    bad = int(np.sum(~np.isfinite(images).reshape(len(images), -1).any(-1))) if images.ndim else 1
+    bad = int(np.sum((~np.isfinite(images)).reshape(len(images), -1).any(-1))) if images.ndim else 1
     raise errors.NonFiniteError(
         f"{bad} of {len(images) if images.ndim else 1} images hold NaN or infinite values; the "
         "model may have diverged (retrain with a lower learning rate) or a label is out of range.")
