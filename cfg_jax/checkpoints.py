@@ -17,7 +17,9 @@ class CheckpointError(errors.UserError):
 
 
 def manager(directory: str, max_to_keep: Optional[int] = 3, create: bool = True):
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+  # A writer (create=True) removes the temporary folders of saves a crash cut short.
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                         cleanup_tmp_directories=create)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 

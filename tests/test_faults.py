@@ -49,6 +49,7 @@ def _losses(workdir):
   return {l["step"]: l["diffusion/loss"] for l in lines if "diffusion/loss" in l}, lines
 
 
+@pytest.mark.slow  # three compiles of the train step
 def test_resume_equals_uninterrupted(tiny_config, digits_train, tmp_path):
   """Train 6 steps, or 2 and then resume to 6: the same losses at every step, bitwise."""
   config = _config(tiny_config, num_steps=6, log_every=1, checkpoint_every=2)
@@ -69,6 +70,7 @@ def test_resume_equals_uninterrupted(tiny_config, digits_train, tmp_path):
   assert steps == sorted(set(steps)), "metrics.jsonl repeats steps logged after the checkpoint"
 
 
+@pytest.mark.slow
 def test_unreadable_latest_checkpoint_falls_back_to_the_one_before(tiny_workdir, tmp_path,
                                                                    tiny_config, digits_train):
   work = tmp_path / "run"
