@@ -50,8 +50,8 @@ def grid(images: np.ndarray, num_rows: int, pad: int = 1) -> np.ndarray:
 
 def check_output_free(path: str, overwrite: bool) -> None:
   if os.path.exists(path) and not overwrite:
-    raise errors.OutputExistsError(f"{path} exists; pass --overwrite to replace it or choose another "
-                          "output path.")
+    raise errors.OutputExistsError(f"{path} exists; pass --overwrite to replace it or choose "
+                                   "another output path.")
 
 
 @contextlib.contextmanager

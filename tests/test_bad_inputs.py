@@ -18,7 +18,8 @@ SWEEP = ("sweep.py", "--workdir", "{work}", "--out_dir", "{tmp}/sweep", "--num_s
 
 CASES = {
     # train.py: the config, checked before any data or compile
-    "train num_steps=-1": (TRAIN + ("--config.train.num_steps=-1",), "train.num_steps must be >= 0"),
+    "train num_steps=-1": (TRAIN + ("--config.train.num_steps=-1",),
+                           "train.num_steps must be >= 0"),
     "train p_uncond=1.5": (TRAIN + ("--config.diffusion.p_uncond=1.5",), "p_uncond"),
     "train p_uncond=0": (TRAIN + ("--config.diffusion.p_uncond=0.0",), "p_uncond"),
     "train batch_size=0": (TRAIN + ("--config.train.batch_size=0",), "train.batch_size"),

@@ -33,7 +33,9 @@ def _create(dataset: str, settings: dict, abstract: bool = False):
   spec = data.spec(dataset)
   args = (EvalCNN, spec.image_shape, spec.num_classes, tuple(settings["channels"]),
           settings["features"], settings["dropout"])
-  return models.abstract(*args) if abstract else models.create(*args, seed=loop.rng_streams(settings["seed"]).init)
+  if abstract:
+    return models.abstract(*args)
+  return models.create(*args, seed=loop.rng_streams(settings["seed"]).init)
 
 
 def _loss_fn(graphdef):

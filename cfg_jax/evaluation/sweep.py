@@ -15,7 +15,8 @@ import jax
 from absl import logging
 
 from cfg_jax import data, errors, generate, io, pipeline
-from cfg_jax.evaluation import METRIC_NAMES, MIN_SAMPLES, evalnet as evalnet_lib, evaluate, format_table
+from cfg_jax.evaluation import METRIC_NAMES, MIN_SAMPLES, evaluate, format_table
+from cfg_jax.evaluation import evalnet as evalnet_lib
 
 FILES = ("sweep.json", "sweep.csv", "sweep.png")
 
@@ -39,7 +40,8 @@ def run_sweep(*, workdir: str, guidance_scales: Sequence[float] = (),
   model = pipeline.load(workdir)
   config = model.config
   if classifier_scales and model.classifier_fn is None:
-    raise errors.InputError(f"--classifier_scales needs a noisy classifier, but {workdir} has none.")
+    raise errors.InputError(f"--classifier_scales needs a noisy classifier, but {workdir} has "
+                            "none.")
   generate.check_sample_options(model, batch_size=batch_size, num_steps=num_steps, method=method,
                                 classifier_base_guidance=classifier_base_guidance)
   data_dir = config.data.data_dir or None

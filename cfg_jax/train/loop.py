@@ -146,8 +146,9 @@ def jit_data_parallel(step_fn, mesh):
 
 def check_batch_size(batch_size: int, mesh) -> None:
   if batch_size % mesh.size:
-    raise errors.ConfigError(f"batch_size {batch_size} must be divisible by the {mesh.size} devices; "
-                     f"set --config.train.batch_size to a multiple of {mesh.size}.")
+    raise errors.ConfigError(f"batch_size {batch_size} must be divisible by the {mesh.size} "
+                             f"devices; set --config.train.batch_size to a multiple of "
+                             f"{mesh.size}.")
 
 
 def truncate_metrics(path: str, key_prefix: str, after_step: int) -> None:
@@ -218,10 +219,10 @@ def fit(
 
   The step key and the batch order derive from `seed` (its `rng_streams`: create `params`
   from `rng_streams(seed).init`) and the step, so a resumed run repeats an uninterrupted one
-  exactly. With `checkpoint_dir`, training resumes from its
-  latest checkpoint (after `state_sections` of `config` are checked against the saved
-  config) and saves every `checkpoint_every` steps and at the end; `log_every`,
-  `checkpoint_every` and the number kept default to `config.train`'s.
+  exactly. With `checkpoint_dir`, training resumes from its latest checkpoint (after
+  `state_sections` of `config` are checked against the saved config) and saves every
+  `checkpoint_every` steps and at the end; `log_every`, `checkpoint_every` and the number
+  kept default to `config.train`'s.
   """
   mesh = mesh or data_mesh()
   check_batch_size(batch_size, mesh)
