@@ -94,19 +94,20 @@ def test_injected_nan_stops_and_keeps_the_last_good_checkpoint(tiny_workdir, tmp
                                                                tiny_config, digits_train):
   work = str(tmp_path / "run")
   shutil.copytree(tiny_workdir, work)
-  good = os.path.join(work, "checkpoints", "4")
+  last = checkpoints.manager(os.path.join(work, "checkpoints")).latest_step()  # other tests
+  good = os.path.join(work, "checkpoints", str(last))  # may have resumed the shared workdir
   before = _digest(good)
-  config = _config(tiny_config, num_steps=8)
+  config = _config(tiny_config, num_steps=last + 4)
   config.optimizer.learning_rate, config.optimizer.warmup_steps = 1e8, 1
   with pytest.raises(loop.TrainingError, match=r"non-finite metrics \(.*loss=nan") as info:
     diffusion_training.train(config, work, digits_train)
   assert "array(" not in str(info.value)
-  assert checkpoints.manager(os.path.join(work, "checkpoints")).latest_step() == 4
+  assert checkpoints.manager(os.path.join(work, "checkpoints")).latest_step() == last
   assert _digest(good) == before
   config.optimizer.learning_rate, config.optimizer.warmup_steps = 2e-3, 100
-  config.train.num_steps = 6
+  config.train.num_steps = last + 2
   _, state = diffusion_training.train(config, work, digits_train)
-  assert int(state.step) == 6
+  assert int(state.step) == last + 2
 
 
 def _digest(directory):
