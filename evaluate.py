@@ -27,16 +27,18 @@ def main(argv):
 
   def run():
     from cfg_jax import data, io
-    from cfg_jax.evaluation import evalnet, evaluate, format_table
+    from cfg_jax.evaluation import check_samples, evalnet, evaluate, format_table
 
     out = _JSON.value or os.path.splitext(_SAMPLES.value)[0] + ".eval.json"
     io.check_output_free(out, _OVERWRITE.value)
-    samples, labels = io.read_npz(_SAMPLES.value)
+    spec = data.spec(_DATASET.value)
+    samples, labels = io.read_npz(_SAMPLES.value, spec.image_shape, spec.num_classes)
+    check_samples(samples, labels)
     net = evalnet.load_or_train(_DATASET.value, _EVALNET.value, _DATA_DIR.value)
     splits = [data.load_split(_DATASET.value, s, _DATA_DIR.value) for s in ("test", "train")]
     scores = {"samples": _SAMPLES.value, "evalnet_test_accuracy": net.test_accuracy,
               **evaluate(samples, labels, net, *splits)}
-    with open(out, "w") as f:
+    with io.atomic_path(out, ".json") as tmp, open(tmp, "w") as f:
       json.dump(scores, f, indent=2)
     print(format_table([{"name": os.path.basename(_SAMPLES.value), **scores}]))
     print(f"Wrote {out}")

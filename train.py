@@ -20,9 +20,13 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Where checkpoints, met
 
 def main(argv):
   cli.start(argv)
+  from cfg_jax import config_checks  # light: a bad config fails before JAX is imported
+
+  config = cli.run_or_exit(lambda: cli.config_value(_CONFIG))
+  cli.run_or_exit(lambda: config_checks.validate(config))
   from cfg_jax.train import job
 
-  cli.run_or_exit(lambda: job.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
+  cli.run_or_exit(lambda: job.train_and_evaluate(config, _WORKDIR.value))
 
 
 if __name__ == "__main__":

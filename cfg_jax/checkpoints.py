@@ -9,8 +9,10 @@ from typing import Any, Iterable, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from cfg_jax import errors
 
-class CheckpointError(ValueError):
+
+class CheckpointError(errors.UserError):
   """A checkpoint that is missing, unreadable or made with another config."""
 
 
@@ -19,11 +21,13 @@ def manager(directory: str, max_to_keep: Optional[int] = 3, create: bool = True,
   """A manager keeping the latest `max_to_keep` checkpoints, and those of `keep_steps` forever
   (e.g. an early model to serve as autoguidance's weak model)."""
   keep_steps = tuple(int(s) for s in keep_steps)
+  # A writer (create=True) removes the temporary folders of saves a crash cut short.
+  common = dict(create=create, cleanup_tmp_directories=create)
   if not keep_steps:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **common)
   else:
     policies = ocp.checkpoint_managers
-    options = ocp.CheckpointManagerOptions(create=create, preservation_policy=(
+    options = ocp.CheckpointManagerOptions(**common, preservation_policy=(
         policies.AnyPreservationPolicy([policies.LatestN(max_to_keep),
                                         policies.CustomSteps(keep_steps)])))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
@@ -109,12 +113,51 @@ def _saved_config(mngr, step: Optional[int] = None) -> dict:
 
 
 def resume(mngr, state, config_dict: dict, keys: Iterable[str]):
-  """The latest checkpointed state if there is one (else `state`), after checking that the
-  config entries `keys` agree with the saved config."""
+  """The latest readable checkpointed state if there is one (else `state`), after checking
+  that the config entries `keys` agree with the saved config.
+
+  An unreadable latest checkpoint (a damaged disk, a crash the atomic save did not cover)
+  is moved aside (`<dir>-unreadable-step<N>`, kept for inspection) and the one before it
+  is used, with a message saying so.
+  """
+  from cfg_jax import console
+
+  steps = sorted(mngr.all_steps(), reverse=True)
+  for i, step in enumerate(steps):
+    try:
+      saved = _saved_config(mngr, step)
+    except CheckpointError as e:
+      failure = e
+    else:
+      check_compatible(saved, config_dict, keys)  # a contradiction is never skipped
+      try:
+        return restore(mngr, abstract(state), step)[0]
+      except CheckpointError as e:
+        failure = e
+    if i + 1 == len(steps):
+      raise CheckpointError(f"{failure} No earlier checkpoint to fall back to; remove "
+                            f"{mngr.directory} to start over.") from failure
+    aside = f"{str(mngr.directory).rstrip(os.sep)}-unreadable-step{step}"
+    os.replace(os.path.join(str(mngr.directory), str(step)), aside)
+    mngr.reload()
+    console.say(f"The checkpoint at step {step} is unreadable ({failure}); moved it to "
+                f"{aside} and falling back to step {steps[i + 1]}.")
+  return state
+
+
+def check_resumable(directory: str, config_dict: dict, keys: Iterable[str]) -> None:
+  """Read-only early check: raises if the latest checkpoint in `directory` (when there is a
+  readable one) was made with other values of `keys`. `resume` checks again."""
+  if not os.path.isdir(directory):
+    return
+  mngr = manager(directory, create=False)
   if mngr.latest_step() is None:
-    return state
-  check_compatible(_saved_config(mngr), config_dict, keys)
-  return restore(mngr, abstract(state))[0]
+    return
+  try:
+    saved = _saved_config(mngr)
+  except CheckpointError:
+    return  # unreadable: `resume` falls back to an earlier checkpoint
+  check_compatible(saved, config_dict, keys)
 
 
 def config_differences(saved: dict, current: dict, keys: Iterable[str]) -> list[str]:

@@ -3,14 +3,11 @@ end in one line on stderr with exit status 2."""
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional
 
-from cfg_jax import checkpoints, console, data
-from cfg_jax.train import loop
-
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, checkpoints.CheckpointError,
-               data.DatasetError, loop.TrainingError)
+from cfg_jax import console, errors
 
 
 def tune_allocator():
@@ -35,11 +32,15 @@ def tune_allocator():
 
 
 def floats(values, name):
-  """absl list flag → floats, or a ValueError naming the flag."""
+  """absl list flag → finite floats, or an InputError naming the flag."""
   try:
-    return [float(v) for v in values if v != ""]
+    out = [float(v) for v in values if v != ""]
   except ValueError:
-    raise ValueError(f"--{name} must be comma-separated numbers, got {','.join(values)!r}.")
+    out = None
+  if out is None or not all(math.isfinite(v) for v in out):
+    raise errors.InputError(f"--{name} must be comma-separated finite numbers, got "
+                            f"{','.join(values)!r}.")
+  return out
 
 
 def parse_labels(text: Optional[str]) -> Optional[list[int]]:
@@ -49,7 +50,7 @@ def parse_labels(text: Optional[str]) -> Optional[list[int]]:
   try:
     return [int(v) for v in text.split(",")]
   except ValueError:
-    raise ValueError(f"--labels must be comma-separated integers, got {text!r}.") from None
+    raise errors.InputError(f"--labels must be comma-separated integers, got {text!r}.") from None
 
 
 def parse_flags_or_exit(argv):
@@ -59,8 +60,19 @@ def parse_flags_or_exit(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit_with(e)
+
+
+
+def config_value(holder):
+  """The `--config` flag's ConfigDict; a file that cannot be loaded is a ConfigError."""
+  try:
+    config = holder.value
+    config.get("seed")  # a file that failed to load raises on first use, not on .value
+    return config
+  except OSError as e:  # ml_collections loads the file lazily, on first access
+    raise errors.ConfigError(f"cannot load the --config file ({str(e).splitlines()[-1].strip()});"
+                             " pass an existing file, e.g. --config configs/digits.py.") from None
 
 
 def start(argv):
@@ -75,8 +87,15 @@ def start(argv):
 
 
 def run_or_exit(fn):
+  """`fn()`; a `UserError` becomes one line on stderr and exit status 2. Any other
+  exception is a bug and keeps its traceback."""
   try:
     return fn()
-  except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except errors.UserError as e:
+    _exit_with(e)
+
+
+def _exit_with(message) -> None:
+  text = " ".join(str(message).split())  # one line, whatever the message holds
+  print(f"error: {text}", file=sys.stderr)
+  sys.exit(2)

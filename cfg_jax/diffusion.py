@@ -24,22 +24,32 @@ def per_example(values: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
   return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
 
 
+def signal_and_noise_scales(schedule: Schedule, t, x):
+  """(sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) shaped to broadcast against x, from the schedule's
+  float64-derived tables (computed here in float32 only for a Schedule without them)."""
+  if schedule.sqrt_alphas_cumprod is None:
+    abar = schedule.alphas_cumprod[t]
+    return per_example(jnp.sqrt(abar), x), per_example(jnp.sqrt(1.0 - abar), x)
+  return (per_example(schedule.sqrt_alphas_cumprod[t], x),
+          per_example(schedule.sqrt_one_minus_alphas_cumprod[t], x))
+
+
 def q_sample(schedule: Schedule, x0, t, noise):
   """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε."""
-  abar = per_example(schedule.alphas_cumprod[t], x0)
-  return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+  signal, sigma = signal_and_noise_scales(schedule, t, x0)
+  return signal * x0 + sigma * noise
 
 
 def predict_x0_from_eps(schedule: Schedule, x_t, t, eps):
   """x0 = (x_t − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t)."""
-  abar = per_example(schedule.alphas_cumprod[t], x_t)
-  return (x_t - jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(abar)
+  signal, sigma = signal_and_noise_scales(schedule, t, x_t)
+  return (x_t - sigma * eps) / signal
 
 
 def predict_eps_from_x0(schedule: Schedule, x_t, t, x0):
   """ε = (x_t − sqrt(ᾱ_t)·x0) / sqrt(1 − ᾱ_t)."""
-  abar = per_example(schedule.alphas_cumprod[t], x_t)
-  return (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
+  signal, sigma = signal_and_noise_scales(schedule, t, x_t)
+  return (x_t - signal * x0) / sigma
 
 
 def drop_labels(key, labels, p_uncond, null_label):

@@ -3,13 +3,14 @@ sweeps run), and `sample.py`'s whole job: sample, then write the `.npz` and a PN
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
-from cfg_jax import checkpoints, guidance as guidance_lib, io, pipeline as pipeline_lib
+from cfg_jax import checkpoints, errors, guidance as guidance_lib, io, pipeline as pipeline_lib
 from cfg_jax.train import diffusion as diffusion_training
 
 
@@ -26,7 +27,7 @@ def generate(key, model: pipeline_lib.Pipeline, labels: Sequence[int], *, batch_
 
   labels = np.asarray(labels, np.int32)
   if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    raise errors.InputError(f"batch_size must be positive, got {batch_size}.")
   out = []
   starts = range(0, len(labels), batch_size)
   for i, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress)):
@@ -48,8 +49,8 @@ def guidance_rule(model: pipeline_lib.Pipeline, workdir: str, guidance: str = "c
   `weak_step` (default: its latest). `options` are `guidance.make_rule`'s."""
   wants_weak = weak_workdir is not None or weak_step is not None
   if wants_weak and guidance != "autoguidance":
-    raise ValueError(f"--weak_workdir and --weak_step apply to --guidance=autoguidance only, "
-                     f"not --guidance={guidance}.")
+    raise errors.InputError(f"--weak_workdir and --weak_step apply to --guidance=autoguidance "
+                            f"only, not --guidance={guidance}.")
   weak_eps_fn = None
   if guidance == "autoguidance" and wants_weak:
     weak_workdir = weak_workdir or workdir
@@ -57,11 +58,30 @@ def guidance_rule(model: pipeline_lib.Pipeline, workdir: str, guidance: str = "c
       latest = checkpoints.latest_step(os.path.join(weak_workdir,
                                                   diffusion_training.CHECKPOINT_DIR))
       if weak_step is None or weak_step == latest:
-        raise ValueError(f"The weak model would be the main model itself (step {latest}); "
-                         "pass an earlier --weak_step or another --weak_workdir.")
+        raise errors.InputError(f"The weak model would be the main model itself (step "
+                                f"{latest}); pass an earlier --weak_step or another "
+                                "--weak_workdir.")
     weak_eps_fn = pipeline_lib.load_weak(model, weak_workdir, weak_step).eps_fn
   return guidance_lib.make_rule(guidance, guidance_scale, method=method,
                                 weak_eps_fn=weak_eps_fn, **options)
+
+
+def check_sample_options(model: pipeline_lib.Pipeline, *, batch_size: int = 1,
+                         num_steps=None, eta=None, method=None, **scales) -> None:
+  """Raises an InputError for a sampler flag that cannot work, before anything is sampled
+  (the sampler's own checks are for library callers)."""
+  if batch_size < 1:
+    raise errors.InputError(f"--batch_size must be positive, got {batch_size}.")
+  T = model.schedule.num_timesteps
+  if num_steps is not None and not 1 <= num_steps <= T:
+    raise errors.InputError(f"--num_steps must be an int in 1..{T}, got {num_steps}.")
+  if eta is not None and not (math.isfinite(eta) and eta >= 0):
+    raise errors.InputError(f"--eta must be a finite number >= 0, got {eta}.")
+  if method == "ddpm" and eta:
+    raise errors.InputError("--eta applies to --method=ddim only; DDPM's noise is fixed.")
+  for name, value in scales.items():
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+      raise errors.InputError(f"--{name} must be a finite number, got {value}.")
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -80,21 +100,25 @@ def sample_to_npz(*, workdir: str, out: str, num_samples: int,
   passed to the sampler as `guidance`.
   """
   if num_samples < 1:
-    raise ValueError(f"--num_samples must be positive, got {num_samples}.")
+    raise errors.InputError(f"--num_samples must be positive, got {num_samples}.")
+  if batch_size < 1:
+    raise errors.InputError(f"--batch_size must be positive, got {batch_size}.")
   io.check_output_free(out, overwrite)
   io.check_output_free(io.grid_path_beside(out), overwrite)
   model = pipeline_lib.load(workdir, classifier_workdir)
+  check_sample_options(model, batch_size=batch_size, **sample_options)
   if labels is None:
     label_array = balanced_labels(num_samples, model.num_classes)
   else:
     label_array = np.resize(np.asarray(labels, np.int64), num_samples)
   bad = label_array[(label_array < 0) | (label_array >= model.num_classes)]
   if bad.size:
-    raise ValueError(f"label {bad[0]} is out of range; this model's classes are "
-                     f"0..{model.num_classes - 1}.")
+    raise errors.InputError(f"label {bad[0]} is out of range; this model's classes are "
+                            f"0..{model.num_classes - 1}.")
   if sample_options.get("classifier_scale", 0) != 0 and model.classifier_fn is None:
-    raise ValueError(f"--classifier_scale needs a noisy classifier, but {workdir} has none; "
-                     "train one (config.classifier.num_steps > 0) or pass --classifier_workdir.")
+    raise errors.InputError(f"--classifier_scale needs a noisy classifier, but {workdir} has "
+                            "none; train one (config.classifier.num_steps > 0) or pass "
+                            "--classifier_workdir.")
   if rule is not None:
     sample_options["guidance"] = guidance_rule(model, workdir,
                                                method=sample_options.get("method"), **rule)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_jax import diffusion
+from cfg_jax import diffusion, errors
 from cfg_jax.schedules import Schedule
 
 WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
@@ -81,8 +81,8 @@ class CFG:
 
   def __post_init__(self):
     if self.weight_schedule not in WEIGHT_SCHEDULES:
-      raise ValueError(f"Unknown weight_schedule {self.weight_schedule!r}; use one of "
-                       f"{WEIGHT_SCHEDULES}.")
+      raise errors.InputError(f"Unknown weight_schedule {self.weight_schedule!r}; use one of "
+                              f"{WEIGHT_SCHEDULES}.")
     self.validate()
 
   def validate(self):
@@ -90,12 +90,13 @@ class CFG:
     _check_scalar("CFG rescale", self.rescale, lambda v: 0 <= v <= 1, "in [0, 1]")
     if self.interval is not None:
       if not isinstance(self.interval, (tuple, list)) or len(self.interval) != 2:
-        raise ValueError(f"CFG interval must be (sigma_lo, sigma_hi), got {self.interval!r}.")
+        raise errors.InputError(f"CFG interval must be (sigma_lo, sigma_hi), got "
+                                f"{self.interval!r}.")
       lo, hi = (_concrete(v) for v in self.interval)
       if lo is not None and hi is not None and not (
           lo.shape == hi.shape == () and 0 <= lo < hi and not np.isnan(hi)):
-        raise ValueError(f"CFG interval needs 0 <= sigma_lo < sigma_hi, got "
-                         f"({float(lo)}, {float(hi)}).")
+        raise errors.InputError(f"CFG interval needs 0 <= sigma_lo < sigma_hi, got "
+                                f"({float(lo)}, {float(hi)}).")
 
   def init_state(self, x):
     return ()
@@ -229,7 +230,8 @@ class Autoguidance:
     _check_scale("Autoguidance scale", self.scale)
     fn = self.weak_eps_fn
     if fn is not None and not callable(fn) and not _is_placeholder(fn):
-      raise ValueError(f"Autoguidance weak_eps_fn must be callable, got {type(fn).__name__}.")
+      raise errors.InputError(f"Autoguidance weak_eps_fn must be callable, got "
+                              f"{type(fn).__name__}.")
 
   def init_state(self, x):
     return ()
@@ -290,7 +292,7 @@ def _check_scalar(name, value, ok=None, requirement=""):
     return
   if array.shape != () or not np.isfinite(array) or (ok is not None and not ok(array)):
     want = f"a finite scalar {requirement}".rstrip()
-    raise ValueError(f"{name} must be {want}, got {_show(array)}.")
+    raise errors.InputError(f"{name} must be {want}, got {_show(array)}.")
 
 
 def _check_scale(name, value, ok=None, requirement=""):
@@ -300,7 +302,7 @@ def _check_scale(name, value, ok=None, requirement=""):
   if (array.ndim > 1 or array.size == 0 or not np.all(np.isfinite(array))
       or (ok is not None and not all(ok(v) for v in array.reshape(-1)))):
     want = f"a finite scalar or 1-D array of scales {requirement}".rstrip()
-    raise ValueError(f"{name} must be {want}, got {_show(array)}.")
+    raise errors.InputError(f"{name} must be {want}, got {_show(array)}.")
 
 
 def _show(array):
@@ -336,19 +338,21 @@ def make_rule(kind: str = "cfg", scale=None, *, method: Optional[str] = None,
       `apg_eta`, `apg_momentum`, `apg_norm_threshold` (apg). Errors name them as flags.
   """
   if kind not in KINDS:
-    raise ValueError(f"Unknown --guidance {kind!r}; use one of {', '.join(KINDS)}.")
+    raise errors.InputError(f"Unknown --guidance {kind!r}; use one of {', '.join(KINDS)}.")
   known = {name for names in _KIND_OPTIONS.values() for name in names}
   for name, value in options.items():
     if name not in known:
       raise TypeError(f"make_rule got an unknown option {name!r}.")
     if value is not None and name not in _KIND_OPTIONS[kind]:
       owner = next(k for k, names in _KIND_OPTIONS.items() if name in names)
-      raise ValueError(f"--{name} applies to --guidance={owner} only, not --guidance={kind}.")
+      raise errors.InputError(f"--{name} applies to --guidance={owner} only, not "
+                              f"--guidance={kind}.")
   if kind != "autoguidance" and weak_eps_fn is not None:
-    raise ValueError(f"A weak model applies to --guidance=autoguidance only, not "
-                     f"--guidance={kind}.")
+    raise errors.InputError(f"A weak model applies to --guidance=autoguidance only, not "
+                            f"--guidance={kind}.")
   if kind == "cfgpp" and method not in (None, "ddim"):
-    raise ValueError(f"--guidance=cfgpp works with --method=ddim only, got --method={method}.")
+    raise errors.InputError(f"--guidance=cfgpp works with --method=ddim only, got "
+                            f"--method={method}.")
   scale = DEFAULT_SCALES[kind] if scale is None else scale
   given = {k: v for k, v in options.items() if v is not None}
   if kind == "cfg":
@@ -360,8 +364,8 @@ def make_rule(kind: str = "cfg", scale=None, *, method: Optional[str] = None,
   if kind == "cfgpp":
     return CFGPlusPlus(scale=scale)
   if weak_eps_fn is None:
-    raise ValueError("--guidance=autoguidance needs a weak model; pass --weak_step N (an "
-                     "earlier checkpoint of this run) or --weak_workdir DIR.")
+    raise errors.InputError("--guidance=autoguidance needs a weak model; pass --weak_step N (an "
+                            "earlier checkpoint of this run) or --weak_workdir DIR.")
   return Autoguidance(scale=scale, weak_eps_fn=weak_eps_fn)
 
 
@@ -371,8 +375,8 @@ def parse_interval(value) -> Tuple[float, float]:
   try:
     lo, hi = (float(v) for v in parts)
   except (TypeError, ValueError):
-    raise ValueError(f"--interval must be two numbers sigma_lo,sigma_hi (e.g. 0.28,5.42), "
-                     f"got {value!r}.") from None
+    raise errors.InputError(f"--interval must be two numbers sigma_lo,sigma_hi (e.g. 0.28,5.42), "
+                            f"got {value!r}.") from None
   if not (0 <= lo < hi) or math.isnan(hi):
-    raise ValueError(f"--interval needs 0 <= sigma_lo < sigma_hi, got {lo:g},{hi:g}.")
+    raise errors.InputError(f"--interval needs 0 <= sigma_lo < sigma_hi, got {lo:g},{hi:g}.")
   return lo, hi

@@ -13,10 +13,23 @@ import tempfile
 
 import numpy as np
 
+from cfg_jax import errors
+
+# A PNG grid shows at most this many samples: 50k samples would make a 2.6 GB picture.
+MAX_GRID_IMAGES = 100
+
 
 def to_uint8(images) -> np.ndarray:
-  """[−1, 1] floats → uint8 0..255, as guided-diffusion's sampler writes them."""
+  """[−1, 1] floats → uint8 0..255, as guided-diffusion's sampler writes them.
+
+  NaN would silently become black pixels, so non-finite values raise instead.
+  """
   images = np.asarray(images, np.float32)
+  if not np.isfinite(images).all():
+    bad = int(np.sum((~np.isfinite(images)).reshape(len(images), -1).any(-1))) if images.ndim else 1
+    raise errors.NonFiniteError(
+        f"{bad} of {len(images) if images.ndim else 1} images hold NaN or infinite values; the "
+        "model may have diverged (retrain with a lower learning rate) or a label is out of range.")
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
@@ -37,8 +50,8 @@ def grid(images: np.ndarray, num_rows: int, pad: int = 1) -> np.ndarray:
 
 def check_output_free(path: str, overwrite: bool) -> None:
   if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} exists; pass --overwrite to replace it or choose another "
-                          "output path.")
+    raise errors.OutputExistsError(f"{path} exists; pass --overwrite to replace it or choose "
+                                   "another output path.")
 
 
 @contextlib.contextmanager
@@ -79,23 +92,42 @@ def grid_path_beside(npz_path: str) -> str:
 
 
 def save_grid_beside(npz_path: str, samples: np.ndarray, labels: np.ndarray) -> str:
-  """A PNG next to the .npz, images sorted by label."""
+  """A PNG next to the .npz: the first `MAX_GRID_IMAGES` samples, sorted by label."""
+  samples, labels = samples[:MAX_GRID_IMAGES], np.asarray(labels)[:MAX_GRID_IMAGES]
   order = np.argsort(labels, kind="stable")
   return save_grid(grid_path_beside(npz_path), samples[order],
                    num_rows=int(np.ceil(np.sqrt(len(labels)))))
 
 
-def read_npz(path: str):
-  """(uint8 NHWC images, labels) from a guided-diffusion-style .npz."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No sample file {path}; write one with sample.py first.")
+def read_npz(path: str, image_shape=None, num_classes=None):
+  """(uint8 NHWC images, int64 labels) from a guided-diffusion-style .npz, checked.
+
+  Float images, NaN, a missing array, mismatched lengths, another image shape
+  (`image_shape`) or labels outside 0..num_classes−1 raise an `InputError`.
+  """
+  if not os.path.isfile(path):
+    raise errors.MissingFileError(f"No sample file {path}; write one with sample.py first.")
+  layout = "arr_0 (uint8 NHWC images) and arr_1 (integer labels)"
   try:
-    with np.load(path) as f:
+    with np.load(path, allow_pickle=False) as f:
       samples, labels = f["arr_0"], f["arr_1"]
-  except (KeyError, ValueError, OSError) as e:
-    raise ValueError(f"{path} is not an .npz with arr_0 (uint8 NHWC images) and arr_1 "
-                     f"(labels) ({type(e).__name__}).") from None
-  if samples.ndim != 4 or len(samples) != len(labels):
-    raise ValueError(f"{path}: arr_0 must be NHWC with one label per image in arr_1, got "
-                     f"{samples.shape} and {labels.shape}.")
-  return samples, labels.astype(np.int64)
+  except (KeyError, ValueError, OSError, EOFError) as e:
+    raise errors.InputError(f"{path} is not an .npz with {layout} ({type(e).__name__}).") from None
+  if samples.dtype != np.uint8:
+    raise errors.InputError(f"{path}: arr_0 must be uint8 images 0..255, got {samples.dtype}; "
+                            "convert with cfg_jax.io.to_uint8 (from [-1, 1]).")
+  if samples.ndim != 4 or labels.ndim != 1 or len(samples) != len(labels):
+    raise errors.InputError(f"{path}: arr_0 must be NHWC with one label per image in arr_1, "
+                            f"got {samples.shape} and {labels.shape}.")
+  if image_shape is not None and samples.shape[1:] != tuple(image_shape):
+    raise errors.InputError(f"{path}: images have shape {samples.shape[1:]}, but this data "
+                            f"set's are {tuple(image_shape)}; pass the right --dataset.")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise errors.InputError(f"{path}: arr_1 must hold integer labels, got {labels.dtype}.")
+  labels = labels.astype(np.int64)
+  if num_classes is not None:
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+      raise errors.InputError(f"{path}: label {bad[0]} is out of range; this data set's "
+                              f"classes are 0..{num_classes - 1}.")
+  return samples, labels

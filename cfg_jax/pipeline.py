@@ -22,16 +22,19 @@ import dataclasses
 import os
 from typing import Optional
 
+import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.tree_util import Partial
 
-from cfg_jax import checkpoints, data, models, sampling, schedules
+from cfg_jax import checkpoints, data, errors, models, sampling, schedules
 from cfg_jax.models import unet
 from cfg_jax.train import classifier as classifier_training
 from cfg_jax.train import diffusion as diffusion_training
 
-# What a classifier and a diffusion model must share for the classifier to guide it.
+# What a classifier and a diffusion model must share for the classifier to guide it; the
+# data set fixes the image shape and the number of classes.
 _SHARED_SECTIONS = ("data.name", "diffusion.schedule", "diffusion.num_timesteps")
 
 
@@ -62,6 +65,8 @@ class Pipeline:
     section. The classifier (if any) is passed unless `classifier_scale` is a plain 0, so
     unguided sampling compiles without it.
     """
+    self._check_labels(labels)
+    self._warn_if_unguidable(options.get("guidance_scale"))
     defaults = dict(method=self.config.sampling.method, num_steps=self.config.sampling.num_steps,
                     eta=self.config.sampling.eta)
     scale = options.get("classifier_scale", 0.0)
@@ -70,6 +75,28 @@ class Pipeline:
     return sampling.sample(key, self.eps_fn, self.schedule, labels,
                            image_shape=self.image_shape, null_label=self.null_label,
                            **{**defaults, **options})
+
+  def _check_labels(self, labels) -> None:
+    """Out-of-range labels would index past the embedding table and sample NaN."""
+    if isinstance(labels, jax.core.Tracer):
+      return
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+      raise errors.InputError(f"labels must be a 1-D list of integers, got {labels.dtype} "
+                              f"{labels.shape}.")
+    bad = labels[(labels < 0) | (labels > self.null_label)]
+    if bad.size:
+      raise errors.InputError(f"label {int(bad[0])} is out of range; this model's classes are "
+                              f"0..{self.num_classes - 1} ({self.null_label}: no label).")
+
+  def _warn_if_unguidable(self, guidance_scale) -> None:
+    """With p_uncond = 0 the null label was never trained, so γ ≠ 1 mixes in garbage."""
+    if self.config.diffusion.get("p_uncond", 1.0) != 0 or guidance_scale is None:
+      return
+    if isinstance(guidance_scale, (int, float)) and guidance_scale != 1:
+      logging.warning("guidance_scale=%g needs the unconditional model, but this one was "
+                      "trained with p_uncond=0 (the null label never trained); expect garbage "
+                      "unless guidance_scale=1.", guidance_scale)
 
 
 def load(workdir: str, classifier_workdir: Optional[str] = None,

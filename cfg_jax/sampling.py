@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from cfg_jax import diffusion
+from cfg_jax import diffusion, errors
 from cfg_jax import guidance as guidance_lib
 from cfg_jax.schedules import Schedule
 
@@ -93,7 +93,7 @@ def timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading",
     else:
       ts = np.linspace(0, T - 1, n).round()[::-1]
   else:
-    raise ValueError(f"Unknown timestep_spacing {spacing!r}; use one of {SPACINGS}.")
+    raise errors.InputError(f"Unknown timestep_spacing {spacing!r}; use one of {SPACINGS}.")
   return np.asarray(ts, np.int32)
 
 
@@ -147,7 +147,7 @@ def sample(
   """
   labels = jnp.asarray(labels)
   if guidance is not None and guidance_scale is not None:
-    raise ValueError("Give guidance (a rule) or guidance_scale (plain CFG), not both.")
+    raise errors.InputError("Give guidance (a rule) or guidance_scale (plain CFG), not both.")
   if guidance is None:
     _check_scale_arg(guidance_scale)
     guidance = guidance_lib.CFG(scale=1.0 if guidance_scale is None else guidance_scale)
@@ -451,8 +451,8 @@ def _check_scale_arg(guidance_scale):
   if concrete is not None and (concrete.ndim > 1 or concrete.size == 0
                                or not np.all(np.isfinite(concrete))):
     shown = concrete.tolist() if concrete.ndim <= 1 and concrete.size <= 8 else concrete.shape
-    raise ValueError(f"guidance_scale must be a finite scalar or a 1-D array of scales, got "
-                     f"{shown}.")
+    raise errors.InputError(f"guidance_scale must be a finite scalar or a 1-D array of scales, got "
+                            f"{shown}.")
 
 
 def _check_spacing(schedule, method, num_steps, spacing):
@@ -460,12 +460,12 @@ def _check_spacing(schedule, method, num_steps, spacing):
   explicit = spacing is not None
   spacing = "leading" if spacing is None else spacing
   if spacing not in SPACINGS:
-    raise ValueError(f"Unknown timestep_spacing {spacing!r}; use one of {SPACINGS}.")
+    raise errors.InputError(f"Unknown timestep_spacing {spacing!r}; use one of {SPACINGS}.")
   T = schedule.num_timesteps
   ts = timesteps(T, num_steps, spacing, method)
   if np.any(np.diff(ts) >= 0) or ts[-1] < 0:
-    raise ValueError(f"num_steps={num_steps} repeats timesteps with timestep_spacing="
-                     f"{spacing!r}; use fewer steps.")
+    raise errors.InputError(f"num_steps={num_steps} repeats timesteps with timestep_spacing="
+                            f"{spacing!r}; use fewer steps.")
   # A leading grid of n points (n + 1 for DPM-Solver++) starts at (n − 1)·(T // n): far below
   # T − 1 when T % n != 0, which covers every T/2 < n < T (n = T visits every timestep).
   points = num_steps + 1 if method == "dpmpp_2m" else num_steps
@@ -475,7 +475,7 @@ def _check_spacing(schedule, method, num_steps, spacing):
                f"of T={T} (ᾱ={abar:.3g}), far below pure noise; use timestep_spacing="
                f"'trailing' (or a num_steps that divides T).")
     if explicit:
-      raise ValueError(message)
+      raise errors.InputError(message)
     # The default keeps today's samples; say it loudly instead of breaking callers.
     warnings.warn(message, UserWarning, stacklevel=4)
   return spacing
@@ -484,69 +484,71 @@ def _check_spacing(schedule, method, num_steps, spacing):
 def _validate(schedule, labels, image_shape, x_init, method, num_steps, eta, rule, null_label,
               classifier_fn, classifier_scale, dynamic_threshold, spacing):
   if method not in METHODS:
-    raise ValueError(f"Unknown sampling method {method!r}; use one of {METHODS}.")
+    raise errors.InputError(f"Unknown sampling method {method!r}; use one of {METHODS}.")
   num_timesteps = schedule.num_timesteps
   if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
-    raise ValueError(f"num_steps must be an int in 1..{num_timesteps}, got {num_steps!r}.")
+    raise errors.InputError(f"num_steps must be an int in 1..{num_timesteps}, got {num_steps!r}.")
   spacing = _check_spacing(schedule, method, num_steps, spacing)
   if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}.")
+    raise errors.InputError(f"labels must be a 1-D integer array, got {labels.dtype} "
+                            f"{labels.shape}.")
   if null_label is not None and (not isinstance(null_label, (int, np.integer)) or null_label < 0):
-    raise ValueError(f"null_label must be a non-negative int or None, got {null_label!r}.")
+    raise errors.InputError(f"null_label must be a non-negative int or None, got {null_label!r}.")
   concrete_labels = _concrete(labels)
   if concrete_labels is not None and concrete_labels.size:
     high = null_label if null_label is not None else math.inf
     bad = concrete_labels[(concrete_labels < 0) | (concrete_labels > high)]
     if bad.size:
       limit = f"0..{null_label} (null_label)" if null_label is not None else "non-negative"
-      raise ValueError(f"label {int(bad[0])} is out of range; labels must be {limit}.")
+      raise errors.InputError(f"label {int(bad[0])} is out of range; labels must be {limit}.")
   if x_init is None and image_shape is None:
-    raise ValueError("Give image_shape (the shape of one sample) or x_init (x_T).")
+    raise errors.InputError("Give image_shape (the shape of one sample) or x_init (x_T).")
   if x_init is not None:
     x_shape = tuple(np.shape(x_init))
     if not x_shape or x_shape[0] != labels.shape[0]:
-      raise ValueError(f"x_init has shape {x_shape}; its leading axis must equal the "
-                       f"number of labels ({labels.shape[0]}).")
+      raise errors.InputError(f"x_init has shape {x_shape}; its leading axis must equal the "
+                              f"number of labels ({labels.shape[0]}).")
     if image_shape is not None and tuple(image_shape) != x_shape[1:]:
-      raise ValueError(f"x_init shape {x_shape} does not match image_shape {tuple(image_shape)}.")
+      raise errors.InputError(f"x_init shape {x_shape} does not match image_shape "
+                              f"{tuple(image_shape)}.")
   for name, value in (("classifier_scale", classifier_scale), ("eta", eta)):
     concrete = _concrete(value)
     if concrete is not None and (concrete.shape != () or not np.isfinite(concrete)):
-      raise ValueError(f"{name} must be a finite scalar, got {value!r}.")
+      raise errors.InputError(f"{name} must be a finite scalar, got {value!r}.")
   eta_value = _concrete(eta)
   if eta_value is not None and eta_value < 0:
-    raise ValueError(f"eta must be >= 0, got {float(eta_value)}.")
+    raise errors.InputError(f"eta must be >= 0, got {float(eta_value)}.")
   if method != "ddim" and eta_value is not None and eta_value != 0:
-    raise ValueError(f"eta applies to method='ddim' only; {method} has no η.")
+    raise errors.InputError(f"eta applies to method='ddim' only; {method} has no η.")
   if dynamic_threshold is not None:
     p = _concrete(dynamic_threshold)
     if p is not None and (p.shape != () or not 0 < p <= 1):
-      raise ValueError(f"dynamic_threshold must be a percentile in (0, 1] or None, got "
-                       f"{dynamic_threshold!r}.")
+      raise errors.InputError(f"dynamic_threshold must be a percentile in (0, 1] or None, got "
+                              f"{dynamic_threshold!r}.")
   _validate_rule(rule, method, null_label)
   cls_scale = _concrete(classifier_scale)
   if classifier_fn is None and cls_scale is not None and cls_scale != 0:
-    raise ValueError("classifier_scale is non-zero but no classifier_fn was given.")
+    raise errors.InputError("classifier_scale is non-zero but no classifier_fn was given.")
   return spacing
 
 
 def _validate_rule(rule, method, null_label):
   if not isinstance(rule, guidance_lib.RULES):
     names = ", ".join(r.__name__ for r in guidance_lib.RULES)
-    raise ValueError(f"guidance must be one of cfg_jax.guidance's {names}; got "
+    raise errors.InputError(f"guidance must be one of cfg_jax.guidance's {names}; got "
                      f"{type(rule).__name__}.")
   rule.validate()  # again: the rule may have been built from traced values
   name = type(rule).__name__
   if isinstance(rule, guidance_lib.CFGPlusPlus) and method != "ddim":
-    raise ValueError(f"CFGPlusPlus works with method='ddim' only, got method={method!r}.")
+    raise errors.InputError(f"CFGPlusPlus works with method='ddim' only, got method={method!r}.")
   if isinstance(rule, guidance_lib.Autoguidance):
     if rule.weak_eps_fn is None:
-      raise ValueError("Autoguidance needs weak_eps_fn, the weaker model's ε-function.")
+      raise errors.InputError("Autoguidance needs weak_eps_fn, the weaker model's ε-function.")
     return
   if null_label is None:
     scale = _concrete(rule.scale)
     plain = isinstance(rule, guidance_lib.CFG) and rule.weight_schedule == "constant"
     if not plain or (scale is not None and np.any(scale != 1)):
       shown = f"guidance_scale={scale.tolist()}" if plain else name
-      raise ValueError(f"{shown} needs null_label (the label id the model was trained with "
-                       "for 'no label').")
+      raise errors.InputError(f"{shown} needs null_label (the label id the model was trained with "
+                              "for 'no label').")

@@ -14,12 +14,25 @@ import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
+from cfg_jax import errors
+
+
+# x_T must be close to N(0, I): every named schedule must leave at most this much ᾱ at T.
+MAX_FINAL_ALPHA_CUMPROD = 1e-3
+
 
 @flax.struct.dataclass
 class Schedule:
-  """ᾱ_t for t = 0..T-1 (float32, shape (T,)); a pytree, so it can be traced."""
+  """ᾱ_t for t = 0..T-1 (float32, shape (T,)); a pytree, so it can be traced.
+
+  `sqrt_alphas_cumprod` and `sqrt_one_minus_alphas_cumprod` are derived in float64 before
+  the cast (guided-diffusion keeps the same tables): 1 − ᾱ in float32 loses 1.5e-3 of its
+  value at t = 0. They are None only for a Schedule built from ᾱ alone.
+  """
 
   alphas_cumprod: jnp.ndarray
+  sqrt_alphas_cumprod: jnp.ndarray = None
+  sqrt_one_minus_alphas_cumprod: jnp.ndarray = None
 
   @property
   def num_timesteps(self) -> int:
@@ -36,17 +49,36 @@ class Schedule:
     return jnp.log(abar) - jnp.log1p(-abar)
 
 
+def from_alphas_cumprod(alphas_cumprod) -> Schedule:
+  """A schedule with its float64-derived tables from ᾱ_t (given in float64 ideally)."""
+  abar = np.asarray(alphas_cumprod, dtype=np.float64)
+  as32 = lambda v: jnp.asarray(v, dtype=jnp.float32)
+  return Schedule(alphas_cumprod=as32(abar), sqrt_alphas_cumprod=as32(np.sqrt(abar)),
+                  sqrt_one_minus_alphas_cumprod=as32(np.sqrt(1.0 - abar)))
+
+
 def from_betas(betas: np.ndarray) -> Schedule:
   betas = np.asarray(betas, dtype=np.float64)
   if betas.ndim != 1 or not np.all((betas > 0) & (betas <= 1)):
-    raise ValueError("betas must be a 1-D array with values in (0, 1].")
-  return Schedule(alphas_cumprod=jnp.asarray(np.cumprod(1.0 - betas), dtype=jnp.float32))
+    raise errors.ConfigError("betas must be a 1-D array with values in (0, 1].")
+  return from_alphas_cumprod(np.cumprod(1.0 - betas))
 
 
 def linear(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
-  """Ho et al. (2020): β_t linear from beta_start to beta_end."""
+  """Ho et al. (2020): β_t linear from beta_start to beta_end, both scaled by 1000/T.
+
+  The scaling is guided-diffusion's (`get_named_beta_schedule("linear")`): it keeps ᾱ_T near
+  0 for any T (unscaled, T = 250 would leave ᾱ_T = 0.08, so x_T would not be N(0, I)); at
+  T = 1000 it is Ho et al.'s schedule. Needs T >= 20, where β_T reaches 1.
+  """
   _check_num_timesteps(num_timesteps)
-  return from_betas(np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64))
+  scale = 1000.0 / num_timesteps
+  if beta_end * scale > 1:
+    raise errors.ConfigError(f"The linear schedule needs num_timesteps >= "
+                             f"{math.ceil(1000 * beta_end)} (β scaled by 1000/T must stay <= 1), "
+                             f"got {num_timesteps}; raise diffusion.num_timesteps.")
+  return from_betas(np.linspace(beta_start * scale, beta_end * scale, num_timesteps,
+                                dtype=np.float64))
 
 
 def cosine(num_timesteps: int = 1000, offset: float = 0.008, max_beta: float = 0.999) -> Schedule:
@@ -66,8 +98,14 @@ def cosine(num_timesteps: int = 1000, offset: float = 0.008, max_beta: float = 0
 def get(name: str, num_timesteps: int = 1000) -> Schedule:
   """Looks a schedule up by its config name."""
   if name not in _BY_NAME:
-    raise ValueError(f"Unknown noise schedule {name!r}; choose one of {sorted(_BY_NAME)}.")
-  return _BY_NAME[name](num_timesteps)
+    raise errors.ConfigError(f"Unknown noise schedule {name!r}; choose one of {sorted(_BY_NAME)}.")
+  schedule = _BY_NAME[name](num_timesteps)
+  final = float(schedule.alphas_cumprod[-1])
+  if final > MAX_FINAL_ALPHA_CUMPROD:
+    raise errors.ConfigError(f"The {name} schedule with num_timesteps={num_timesteps} leaves "
+                             f"ᾱ_T = {final:.3g}, so x_T is not N(0, I); raise "
+                             "diffusion.num_timesteps.")
+  return schedule
 
 
 def from_config(diffusion_config) -> Schedule:
@@ -77,7 +115,7 @@ def from_config(diffusion_config) -> Schedule:
 
 def _check_num_timesteps(num_timesteps):
   if not isinstance(num_timesteps, int) or num_timesteps < 1:
-    raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}.")
+    raise errors.ConfigError(f"num_timesteps must be a positive int, got {num_timesteps!r}.")
 
 
 _BY_NAME = {"linear": linear, "cosine": cosine}

@@ -1,6 +1,8 @@
 import numpy as np
+import pytest
 
-from cfg_jax import io
+from cfg_jax import errors, io
+
 
 
 def test_uint8_round_trip_and_clipping():
@@ -16,3 +18,30 @@ def test_grid_is_row_major_with_padding():
   np.testing.assert_array_equal(picture[1:3, 4:6], tiles[1, ..., 0])  # row 0, column 1
   np.testing.assert_array_equal(picture[4:6, 1:3], tiles[3, ..., 0])  # row 1, column 0
   assert (picture[0] == 255).all() and (picture[:, 3] == 255).all()
+
+
+def test_non_finite_images_are_an_error_not_black_pixels():
+  with pytest.raises(errors.NonFiniteError, match="1 of 2 images hold NaN"):
+    io.to_uint8(np.array([[0.0, 0.5], [np.nan, 0.0]], np.float32))
+
+
+def test_read_npz_checks_dtype_shape_and_labels(tmp_path):
+  images = np.zeros((4, 8, 8, 1), np.uint8)
+  np.savez(tmp_path / "ok.npz", arr_0=images, arr_1=np.arange(4))
+  got, labels = io.read_npz(str(tmp_path / "ok.npz"), (8, 8, 1), 10)
+  assert got.dtype == np.uint8 and labels.dtype == np.int64
+  np.savez(tmp_path / "f.npz", arr_0=images.astype(np.float32), arr_1=np.arange(4))
+  with pytest.raises(errors.InputError, match="must be uint8"):
+    io.read_npz(str(tmp_path / "f.npz"))
+  with pytest.raises(errors.InputError, match="label 3 is out of range"):
+    io.read_npz(str(tmp_path / "ok.npz"), num_classes=3)
+  with pytest.raises(errors.InputError, match="images have shape"):
+    io.read_npz(str(tmp_path / "ok.npz"), image_shape=(28, 28, 1))
+
+
+def test_grid_beside_is_capped(tmp_path):
+  from PIL import Image
+
+  samples = np.zeros((500, 2, 2, 1), np.uint8)
+  path = io.save_grid_beside(str(tmp_path / "s.npz"), samples, np.arange(500) % 10)
+  assert Image.open(path).size == ((10 * 3 + 1) * 4,) * 2  # 100 images: 10 × 10

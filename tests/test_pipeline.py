@@ -1,11 +1,16 @@
 """`cfg_jax.load`: a trained workdir as one object that samples with everything filled in."""
 
+import dataclasses
+import json
+import logging
+import shutil
+
 import jax
 import numpy as np
 import pytest
 
 import cfg_jax
-from cfg_jax import checkpoints, sampling, schedules
+from cfg_jax import checkpoints, errors, sampling, schedules
 
 pytestmark = pytest.mark.slow  # needs a workdir trained through the CLI
 
@@ -55,3 +60,36 @@ def test_load_restores_the_ema_parameters_only(model, tiny_workdir):
 def test_missing_workdir_is_a_clear_error(tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match="No checkpoint directory"):
     cfg_jax.load(str(tmp_path / "nothing"))
+
+
+def test_classifier_of_another_diffusion_model_is_refused(tiny_workdir, tmp_path):
+  """A classifier trained with another T (or data set) would guide with wrong gradients."""
+  other = tmp_path / "other"
+  shutil.copytree(tiny_workdir / "classifier", other / "classifier")
+  for metadata in other.glob("classifier/*/config/metadata"):
+    saved = json.loads(metadata.read_text())
+    saved["diffusion"]["num_timesteps"] = 500
+    metadata.write_text(json.dumps(saved))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match="diffusion.num_timesteps: saved 500, now 1000"):
+    cfg_jax.load(str(tiny_workdir), classifier_workdir=str(other))
+
+
+def test_out_of_range_labels_are_refused_before_sampling(model):
+  with pytest.raises(errors.InputError, match="label 11 is out of range"):
+    model.sample(jax.random.key(0), np.array([1, 11]), num_steps=2)
+  with pytest.raises(errors.InputError, match="label -1 is out of range"):
+    model.sample(jax.random.key(0), np.array([-1]), num_steps=2)
+
+
+def test_guidance_from_a_model_without_a_null_label_warns(model, caplog):
+  config = model.config.copy_and_resolve_references()
+  config.diffusion.p_uncond = 0.0
+  unguidable = dataclasses.replace(model, config=config)
+  with caplog.at_level(logging.WARNING):
+    unguidable._warn_if_unguidable(3.0)
+    assert "p_uncond=0" in caplog.text
+    caplog.clear()
+    unguidable._warn_if_unguidable(1.0)
+    model._warn_if_unguidable(3.0)
+    assert not caplog.text

@@ -17,6 +17,8 @@ from typing import Iterator, Optional
 import numpy as np
 from absl import logging
 
+from cfg_jax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
@@ -34,7 +36,7 @@ DATASETS = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.UserError):
   """A data set that cannot be loaded, with the fix in its message."""
 
 

@@ -9,6 +9,8 @@ data set, the user's cache (`$XDG_CACHE_HOME/cfg_jax/evalnet/<data set>`, by def
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Optional
 
 import jax
@@ -17,7 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from cfg_jax import checkpoints, data, io, models
+from cfg_jax import checkpoints, data, errors, io, locking, models
 from cfg_jax.models.evalnet import EvalCNN
 from cfg_jax.train import loop
 
@@ -31,7 +33,9 @@ def _create(dataset: str, settings: dict, abstract: bool = False):
   spec = data.spec(dataset)
   args = (EvalCNN, spec.image_shape, spec.num_classes, tuple(settings["channels"]),
           settings["features"], settings["dropout"])
-  return models.abstract(*args) if abstract else models.create(*args, seed=settings["seed"])
+  if abstract:
+    return models.abstract(*args)
+  return models.create(*args, seed=loop.rng_streams(settings["seed"]).init)
 
 
 def _loss_fn(graphdef):
@@ -77,14 +81,47 @@ def load(dataset: str, directory: Optional[str] = None) -> Optional[EvalNet]:
 
 def load_or_train(dataset: str, directory: Optional[str] = None, data_dir: Optional[str] = None,
                   **overrides) -> EvalNet:
-  """Loads the evaluation network from `directory`, training and saving it first if absent."""
-  directory = directory or default_directory(dataset)
+  """Loads the evaluation network from `directory`, training and saving it first if absent.
+
+  Training holds a lock beside `directory` (a second process waits, then loads what the
+  first saved) and happens in a temporary folder renamed onto `directory` when complete, so
+  `directory` never holds a half-written network.
+  """
+  directory = os.path.abspath(directory or default_directory(dataset))
   settings = {**DEFAULTS, **overrides, "dataset": dataset}
-  if os.path.isdir(directory):
-    mngr = checkpoints.manager(directory, create=False)
-    if mngr.latest_step() is not None:
-      checkpoints.check_compatible(checkpoints.read_config(directory), settings, STATE_KEYS)
-      return load(dataset, directory)
+  net = _load_checked(dataset, directory, settings)
+  if net is not None:
+    return net
+  with locking.exclusive(directory + ".lock", wait=True, what=f"evaluation network {directory}"):
+    net = _load_checked(dataset, directory, settings)  # trained while we waited
+    if net is not None:
+      return net
+    if os.path.isdir(directory) and os.listdir(directory):
+      raise errors.UserError(f"{directory} exists but holds no evaluation network; remove it "
+                             "or pass another --evalnet_dir.")
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-",
+                           dir=os.path.dirname(directory))
+    try:
+      net = _train(dataset, tmp, data_dir, settings)
+      if os.path.isdir(directory):
+        os.rmdir(directory)  # empty, checked above
+      os.replace(tmp, directory)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  return net
+
+
+def _load_checked(dataset: str, directory: str, settings: dict) -> Optional[EvalNet]:
+  """The saved network if `directory` holds one trained with `settings`' shape, else None."""
+  if not os.path.isdir(directory):
+    return None
+  if checkpoints.manager(directory, create=False).latest_step() is None:
+    return None
+  checkpoints.check_compatible(checkpoints.read_config(directory), settings, STATE_KEYS)
+  return load(dataset, directory)
+
+
+def _train(dataset: str, directory: str, data_dir: Optional[str], settings: dict) -> EvalNet:
   logging.info("Training the %s evaluation network into %s.", dataset, directory)
   graphdef, params = _create(dataset, settings)
   train = data.load_split(dataset, "train", data_dir)

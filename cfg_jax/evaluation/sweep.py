@@ -16,8 +16,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from cfg_jax import data, generate, io, pipeline
-from cfg_jax.evaluation import METRIC_NAMES, evalnet as evalnet_lib, evaluate, format_table
+from cfg_jax import data, errors, generate, io, pipeline
+from cfg_jax.evaluation import METRIC_NAMES, MIN_SAMPLES, evaluate, format_table
+from cfg_jax.evaluation import evalnet as evalnet_lib
 
 FILES = ("sweep.json", "sweep.csv", "sweep.png")
 # The scales swept when none are given, by --guidance.
@@ -44,11 +45,17 @@ def run_sweep(*, workdir: str, guidance_scales: Sequence[float] = (),
   for name in FILES:
     io.check_output_free(os.path.join(out_dir, name), overwrite)
   if not guidance_scales and not classifier_scales:
-    raise ValueError("Give at least one --guidance_scales or --classifier_scales value.")
+    raise errors.InputError("Give at least one --guidance_scales or --classifier_scales value.")
+  if num_samples < MIN_SAMPLES:
+    raise errors.InputError(f"--num_samples must be at least {MIN_SAMPLES} to score, got "
+                            f"{num_samples}.")
   model = pipeline.load(workdir)
   config = model.config
   if classifier_scales and model.classifier_fn is None:
-    raise ValueError(f"--classifier_scales needs a noisy classifier, but {workdir} has none.")
+    raise errors.InputError(f"--classifier_scales needs a noisy classifier, but {workdir} has "
+                            "none.")
+  generate.check_sample_options(model, batch_size=batch_size, num_steps=num_steps, method=method,
+                                classifier_base_guidance=classifier_base_guidance)
   rule = dict(rule or {})
   guided = None
   if guidance_scales:  # built before the evaluation network: bad flags fail fast
@@ -92,9 +99,9 @@ def rule_name(rule: dict) -> str:
 
 
 def write_table(rows, out_dir, evalnet_accuracy):
-  with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+  with io.atomic_path(os.path.join(out_dir, "sweep.json")) as tmp, open(tmp, "w") as f:
     json.dump({"evalnet_test_accuracy": evalnet_accuracy, "rows": rows}, f, indent=2)
-  with open(os.path.join(out_dir, "sweep.csv"), "w", newline="") as f:
+  with io.atomic_path(os.path.join(out_dir, "sweep.csv")) as tmp, open(tmp, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
@@ -124,7 +131,8 @@ def plot(rows, path, title=""):
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with io.atomic_path(path, ".png") as tmp:
+    fig.savefig(tmp, dpi=100, format="png")
   plt.close(fig)
 
 

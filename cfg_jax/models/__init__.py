@@ -32,8 +32,8 @@ def split_params(model: nnx.Module):
   return graphdef, nnx.to_pure_dict(params)
 
 
-def create(model_cls, *args, seed: int):
-  """A freshly initialised model as (graphdef, params)."""
+def create(model_cls, *args, seed):
+  """A freshly initialised model as (graphdef, params); `seed` is an int or a key."""
   return split_params(model_cls(*args, rngs=nnx.Rngs(seed)))
 
 

@@ -21,7 +21,7 @@ from cfg_jax import data, diffusion, models, schedules
 from cfg_jax.models import unet
 from cfg_jax.train import loop
 
-STATE_SECTIONS = ("data.name", "diffusion", "classifier.model")
+STATE_SECTIONS = ("data.name", "diffusion", "classifier.model", "seed", "classifier.batch_size")
 CHECKPOINT_DIR = "classifier"
 
 
@@ -72,7 +72,7 @@ def train(config, workdir: str, train_split: data.Split, mesh=None):
   """Trains (or resumes) the noisy classifier; returns it as `classifier_fn(x_t, t)`."""
   c = config.classifier
   seed = config.seed + 1  # its own seed: not the diffusion model's batches or keys
-  graphdef, params = create_classifier(config, seed)
+  graphdef, params = create_classifier(config, loop.rng_streams(seed).init)
   schedule = schedules.from_config(config.diffusion)
   state = loop.fit(
       description="classifier", loss_fn=make_loss_fn(graphdef, schedule), params=params,
@@ -83,6 +83,9 @@ def train(config, workdir: str, train_split: data.Split, mesh=None):
   classifier_fn = Partial(models.apply, graphdef, state.params)
   test = data.load_split(config.data.name, "test", config.data.data_dir or None)
   quarters = accuracy_by_noise_quarter(classifier_fn, schedule, test)
+  # The test accuracy is written again after every (re)run of fit: keep one record of it.
+  loop.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), "classifier/test_accuracy",
+                        int(state.step) - 1)
   writer = loop.MetricWriter(workdir, "classifier")
   writer.write(int(state.step), {f"test_accuracy_q{i}": a for i, a in enumerate(quarters)})
   writer.close()

@@ -15,12 +15,14 @@ from cfg_jax.models import unet
 from cfg_jax.train import loop
 
 # Config sections that shape the saved state: resuming with other values is an error.
-STATE_SECTIONS = ("data.name", "model", "diffusion")
+# seed and batch size fix the batches and keys of the steps still to come.
+STATE_SECTIONS = ("data.name", "model", "diffusion", "seed", "train.batch_size")
 CHECKPOINT_DIR = "checkpoints"
 
 
-def create_unet(config, seed: int):
-  """(graphdef, params) of a freshly initialised UNet for `config`."""
+def create_unet(config, seed):
+  """(graphdef, params) of a freshly initialised UNet for `config`; `seed` is an int or a
+  key (training uses `loop.rng_streams(config.seed).init`)."""
   return models.create(unet.UNet, models.model_config(config), seed=seed)
 
 
@@ -50,7 +52,7 @@ def make_train_step(graphdef, tx, schedule, config):
 
 def train(config, workdir: str, train_split: data.Split, mesh=None):
   """Trains (or resumes) the diffusion model; returns (graphdef, final TrainState)."""
-  graphdef, params = create_unet(config, config.seed)
+  graphdef, params = create_unet(config, loop.rng_streams(config.seed).init)
   state = loop.fit(
       description="diffusion",
       loss_fn=make_loss_fn(graphdef, schedules.from_config(config.diffusion), config),

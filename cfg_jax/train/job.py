@@ -10,9 +10,12 @@ import jax
 import numpy as np
 from jax.tree_util import Partial
 
-from cfg_jax import console, data, generate, io, models, pipeline
+from cfg_jax import checkpoints, config_checks, console, data, io, locking, models, pipeline
 from cfg_jax.train import classifier as classifier_training
 from cfg_jax.train import diffusion as diffusion_training
+
+
+LOCK_FILE = "train.lock"
 
 
 def sample_grid(path: str, model: pipeline.Pipeline, seed: int, **sample_options):
@@ -25,9 +28,22 @@ def sample_grid(path: str, model: pipeline.Pipeline, seed: int, **sample_options
 
 
 def train_and_evaluate(config, workdir: str) -> None:
-  """Trains both networks in `workdir` (resuming where it stopped) and writes the grids."""
+  """Trains both networks in `workdir` (resuming where it stopped) and writes the grids.
+
+  The config is checked first, then (read-only) against the workdir's checkpoints, so a
+  bad one changes no file. The workdir is then locked: a second run on it is refused.
+  """
   started = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
+  config_checks.validate(config)
+  for directory, sections in (
+      (diffusion_training.CHECKPOINT_DIR, diffusion_training.STATE_SECTIONS),
+      (classifier_training.CHECKPOINT_DIR, classifier_training.STATE_SECTIONS)):
+    checkpoints.check_resumable(os.path.join(workdir, directory), config.to_dict(), sections)
+  with locking.exclusive(os.path.join(workdir, LOCK_FILE), what=f"workdir {workdir}"):
+    _train_and_evaluate(config, workdir, started)
+
+
+def _train_and_evaluate(config, workdir: str, started: float) -> None:
   console.log_to_file(os.path.join(workdir, "train.log"))
   devices = jax.devices()
   train_split = data.load_split(config.data.name, "train", config.data.data_dir or None,

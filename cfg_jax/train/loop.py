@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import flax.struct
 import jax
@@ -20,10 +20,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cfg_jax import checkpoints, console, data
+from cfg_jax import checkpoints, console, data, errors
 
 
-class TrainingError(RuntimeError):
+class TrainingError(errors.UserError, RuntimeError):
   """Training cannot go on (a NaN loss, say); the message names the fix."""
 
 
@@ -51,6 +51,24 @@ def init_state(params, tx, with_ema: bool = False) -> TrainState:
   """Step 0; the EMA copy gets its own buffers, since train steps donate the state."""
   ema_params = jax.tree_util.tree_map(jnp.copy, params) if with_ema else None
   return TrainState(jnp.zeros((), jnp.int32), params, ema_params, tx.init(params))
+
+
+class RngStreams(NamedTuple):
+  """Independent randomness for one trainer, split once from its seed."""
+
+  init: jax.Array  # parameter initialisation
+  train: jax.Array  # folded with the step: timesteps, noise, label drop, dropout
+  data: int  # seed of the batch order
+
+
+def rng_streams(seed: int) -> RngStreams:
+  """Splits `key(seed)` once into separate streams.
+
+  Deriving both the init keys (`nnx.Rngs` folds in 0, 1, …) and the step keys (folded with
+  the step) from `key(seed)` itself would make step k reuse the k-th init key.
+  """
+  init, train, data_key = jax.random.split(jax.random.key(seed), 3)
+  return RngStreams(init, train, int(jax.random.randint(data_key, (), 0, 2**31 - 1)))
 
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -128,8 +146,32 @@ def jit_data_parallel(step_fn, mesh):
 
 def check_batch_size(batch_size: int, mesh) -> None:
   if batch_size % mesh.size:
-    raise ValueError(f"batch_size {batch_size} must be divisible by the {mesh.size} devices; "
-                     f"set --config.train.batch_size to a multiple of {mesh.size}.")
+    raise errors.ConfigError(f"batch_size {batch_size} must be divisible by the {mesh.size} "
+                             f"devices; set --config.train.batch_size to a multiple of "
+                             f"{mesh.size}.")
+
+
+def truncate_metrics(path: str, key_prefix: str, after_step: int) -> None:
+  """Drops the records of `path` (metrics.jsonl) with a key starting with `key_prefix` and a
+  step past `after_step`, atomically; a torn last line (a killed write) goes too."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if record.get("step", 0) > after_step and any(k.startswith(key_prefix) for k in record):
+      continue
+    kept.append(line if line.endswith("\n") else line + "\n")
+  if kept != lines:
+    from cfg_jax import io
+
+    with io.atomic_path(path, ".jsonl") as tmp, open(tmp, "w") as f:
+      f.writelines(kept)
 
 
 class MetricWriter:
@@ -176,18 +218,20 @@ def fit(
 ) -> TrainState:
   """Trains `params` with `loss_fn` on `split` to `num_steps`; the final TrainState.
 
-  The step key and the batch order both derive from `seed` and the step, so a resumed run
-  repeats an uninterrupted one exactly. With `checkpoint_dir`, training resumes from its
-  latest checkpoint (after `state_sections` of `config` are checked against the saved
-  config) and saves every `checkpoint_every` steps and at the end; `log_every`,
-  `checkpoint_every` and the number kept default to `config.train`'s. The checkpoints of
-  `keep_steps` are saved too and never deleted.
+  The step key and the batch order derive from `seed` (its `rng_streams`: create `params`
+  from `rng_streams(seed).init`) and the step, so a resumed run repeats an uninterrupted one
+  exactly. With `checkpoint_dir`, training resumes from its latest checkpoint (after
+  `state_sections` of `config` are checked against the saved config) and saves every
+  `checkpoint_every` steps and at the end; `log_every`, `checkpoint_every` and the number
+  kept default to `config.train`'s. The checkpoints of `keep_steps` are saved too and never
+  deleted.
   """
   mesh = mesh or data_mesh()
   check_batch_size(batch_size, mesh)
   if config is not None:
     log_every = log_every or config.train.log_every
     checkpoint_every = checkpoint_every or config.train.checkpoint_every
+  streams = rng_streams(seed)
   state = init_state(params, tx, with_ema=ema_decay is not None)
   mngr = None
   if checkpoint_dir is not None:
@@ -197,12 +241,14 @@ def fit(
     if int(state.step):
       console.say(f"Resuming {description} from step {int(state.step)}.")
   train_step = jit_data_parallel(make_train_step(loss_fn, tx, ema_decay), mesh)
+  # Steps logged after the checkpoint we resume from are run (and logged) again.
+  truncate_metrics(os.path.join(workdir, "metrics.jsonl"), f"{description}/", int(state.step))
   writer = MetricWriter(workdir, description)
   try:
     return run_loop(
         state=replicate(state, mesh), train_step=train_step,
-        batches=data.batches(split, batch_size, seed, int(state.step)), mesh=mesh,
-        key=jax.random.key(seed), num_steps=num_steps, manager=mngr,
+        batches=data.batches(split, batch_size, streams.data, int(state.step)), mesh=mesh,
+        key=streams.train, num_steps=num_steps, manager=mngr,
         config_dict=None if config is None else config.to_dict(), writer=writer,
         log_every=log_every, checkpoint_every=checkpoint_every or num_steps,
         batch_size=batch_size, description=description, keep_steps=keep_steps)
@@ -247,7 +293,7 @@ def run_loop(
       metrics = jax.device_get(metrics)
       if not all(np.isfinite(v) for v in metrics.values()):
         raise TrainingError(
-            f"{description}: non-finite metrics {metrics} at step {done}; lower the "
+            f"{description}: non-finite metrics ({_numbers(metrics)}) at step {done}; lower the "
             f"learning rate or raise grad_clip_norm (the last checkpoint is kept).")
       now = time.perf_counter()
       metrics["images_per_second"] = (done - last_step) * batch_size / (now - last_time)
@@ -261,3 +307,8 @@ def run_loop(
     bar.update(1)
   bar.close()
   return state
+
+
+def _numbers(metrics: dict) -> str:
+  """"loss=nan, grad_norm=1.2e+03": metrics as plain numbers, not array reprs."""
+  return ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())

@@ -1,0 +1,128 @@
+"""Config validation up front: every value that cannot work is one clear error before any
+data is read or any code is compiled (`train.py` calls `validate` first).
+
+Imports stay light (no JAX), so a bad config fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from cfg_jax import data, errors
+
+SCHEDULES = ("linear", "cosine")  # the names `cfg_jax.schedules.get` knows
+SAMPLING_METHODS = ("ddim", "ddpm")
+
+
+def validate(config) -> None:
+  """Raises `ConfigError` naming the first bad field of `config` and how to fix it."""
+  _int(config, "seed", low=0)
+  spec = data.spec(config.data.name)
+  _model(config.model, "model", spec)
+  _diffusion(config.diffusion)
+  _optimizer(config.optimizer, "optimizer")
+  train = config.train
+  _int(train, "num_steps", "train", low=0)
+  _int(train, "batch_size", "train", low=1)
+  _int(train, "log_every", "train", low=1)
+  _int(train, "checkpoint_every", "train", low=1)
+  _int(train, "max_checkpoints_to_keep", "train", low=1)
+  _number(train, "ema_decay", "train", low=0, high=1, high_open=True)
+  c = config.classifier
+  _int(c, "num_steps", "classifier", low=0)
+  _int(c, "batch_size", "classifier", low=1)
+  if c.num_steps > 0:
+    _model(c.model, "classifier.model", spec)
+    _optimizer(c.optimizer, "classifier.optimizer")
+  _sampling(config.sampling, config.diffusion.num_timesteps)
+  # Last: the one check that imports JAX (ᾱ_T ≈ 0 for the configured schedule and T).
+  from cfg_jax import schedules
+
+  schedules.from_config(config.diffusion)
+
+
+def _fail(field: str, problem: str, fix: str) -> None:
+  raise errors.ConfigError(f"config.{field} {problem}; {fix}.")
+
+
+def _int(section, name, prefix="", low=None):
+  field = f"{prefix}.{name}" if prefix else name
+  value = section[name]
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    _fail(field, f"must be an integer, got {value!r}", f"set --config.{field}=N")
+  if low is not None and value < low:
+    _fail(field, f"must be >= {low}, got {value}", f"set --config.{field} to {low} or more")
+  return value
+
+
+def _number(section, name, prefix, low=None, high=None, low_open=False, high_open=False):
+  field = f"{prefix}.{name}"
+  value = section[name]
+  ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  if not ok:
+    lo = "" if low is None else f"{'(' if low_open else '['}{low}, "
+    hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+    _fail(field, f"must be a finite number in {lo or '(-inf, '}{hi or 'inf)'}, got {value!r}",
+          f"set --config.{field} within that range")
+  return value
+
+
+def _model(m, prefix, spec):
+  base = _int(m, "base_channels", prefix, low=1)
+  _int(m, "num_res_blocks", prefix, low=1)
+  heads = _int(m, "num_heads", prefix, low=1)
+  groups = _int(m, "num_groups", prefix, low=1)
+  _number(m, "dropout", prefix, low=0, high=1, high_open=True)
+  mult = tuple(m.channel_mult)
+  if not mult or not all(isinstance(k, numbers.Integral) and k >= 1 for k in mult):
+    _fail(f"{prefix}.channel_mult", f"must be positive integers, got {mult!r}",
+          "e.g. --config.model.channel_mult='(1, 2)'")
+  size = spec.image_shape[0]
+  levels = len(mult)
+  if size % 2 ** (levels - 1):
+    _fail(f"{prefix}.channel_mult", f"has {levels} levels, so the image size {size} must be "
+          f"divisible by 2^{levels - 1}", "use fewer levels")
+  for channels in sorted({base * k for k in mult}):
+    if channels % heads:
+      _fail(f"{prefix}.num_heads", f"({heads}) must divide every level's channels ({channels} "
+            "does not)", "choose a divisor of base_channels")
+    if channels % groups:
+      _fail(f"{prefix}.num_groups", f"({groups}) must divide every level's channels "
+            f"({channels} does not)", "choose a divisor of base_channels")
+
+
+def _diffusion(d):
+  if d.schedule not in SCHEDULES:
+    _fail("diffusion.schedule", f"{d.schedule!r} is unknown", f"choose one of {SCHEDULES}")
+  _int(d, "num_timesteps", "diffusion", low=1)
+  # 0 never trains the null label (guidance would mix in garbage); 1 never the classes.
+  _number(d, "p_uncond", "diffusion", low=0, high=1, low_open=True, high_open=True)
+
+
+def _optimizer(o, prefix):
+  _number(o, "learning_rate", prefix, low=0, low_open=True)
+  _int(o, "warmup_steps", prefix, low=0)
+  _number(o, "weight_decay", prefix, low=0)
+  _number(o, "grad_clip_norm", prefix, low=0, low_open=True)
+  for name in ("b1", "b2"):
+    _number(o, name, prefix, low=0, high=1, high_open=True)
+
+
+def _sampling(s, num_timesteps):
+  if s.method not in SAMPLING_METHODS:
+    _fail("sampling.method", f"{s.method!r} is unknown", f"choose one of {SAMPLING_METHODS}")
+  steps = _int(s, "num_steps", "sampling", low=1)
+  if isinstance(num_timesteps, numbers.Integral) and steps > num_timesteps:
+    _fail("sampling.num_steps", f"({steps}) exceeds diffusion.num_timesteps ({num_timesteps})",
+          "lower it")
+  _number(s, "eta", "sampling", low=0)
+  _int(s, "samples_per_class", "sampling", low=1)
+  for name in ("guidance_scales", "classifier_scales"):
+    if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in s[name]):
+      _fail(f"sampling.{name}", f"must be finite numbers, got {tuple(s[name])!r}",
+            "fix the listed values")
