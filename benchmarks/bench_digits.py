@@ -20,7 +20,7 @@ from absl import app, flags
 from jax.tree_util import Partial
 from ml_collections import config_flags
 
-from cfg_jax import classifier, cli, data, sampling, schedules, trainer, training
+from cfg_jax import classifier, cli, data, sampling, schedules, trainer, training, xla_flags
 from cfg_jax.models import unet
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -108,4 +108,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  xla_flags.configure()  # before JAX starts its backend, as the entry points do
   app.run(main)

@@ -346,6 +346,124 @@ def part_gn(config, graphdef, params):
     print(f"  {k:40s} {best[k]:7.2f}")
 
 
+def part_steps(config, graphdef, params):
+  """The three headline costs, for A/B runs of XLA_FLAGS (one setting per process)."""
+  schedule = schedules.from_config(config.diffusion)
+  tx = training.make_optimizer(**config.optimizer)
+  b = config.train.batch_size
+  batch = {"image": jax.random.normal(jax.random.key(0), (b, 8, 8, 1)),
+           "label": jnp.arange(b, dtype=jnp.int32) % 10}
+  key = jax.random.key(1)
+  step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config), donate_argnums=0)
+  holder = {"s": _fresh_state(params, tx)}
+
+  def train():
+    for _ in range(20):
+      holder["s"], m = step(holder["s"], batch, key)
+    return m
+
+  fns = {f"train b={b}": (train, 20)}
+  eps_fn = trainer.eps_function(graphdef, params)
+  for sb in (256, 16):
+    labels = jnp.arange(sb) % 10
+    x = jax.random.normal(key, (sb, 8, 8, 1))
+    sample = jax.jit(lambda x, g, labels=labels: ddim_loop(
+        eps_fn, None, schedule, labels, x, num_steps=_STEPS.value, guidance_scale=g,
+        null_label=10, passes="both", classifier_scale=0.0, use_cond=True, unroll=1))
+    fns[f"CFG sampler b={sb}"] = (lambda sample=sample, x=x: sample(x, 3.0), _STEPS.value)
+  for fn, _ in fns.values():
+    jax.block_until_ready(fn())
+  best = {k: float("inf") for k in fns}
+  for _ in range(_ROUNDS.value):
+    for k, (fn, per) in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      best[k] = min(best[k], (time.perf_counter() - start) / per * 1e3)
+  print("steps: " + " | ".join(f"{k} {v:.2f} ms" for k, v in best.items()))
+
+
+def part_flops(config, graphdef, params):
+  """FLOPs of one train step and one CFG sampler step, by XLA's cost analysis."""
+  schedule = schedules.from_config(config.diffusion)
+  tx = training.make_optimizer(**config.optimizer)
+  b = config.train.batch_size
+  batch = {"image": jnp.zeros((b, 8, 8, 1)), "label": jnp.zeros((b,), jnp.int32)}
+  step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config))
+  flops = step.lower(_fresh_state(params, tx), batch, jax.random.key(0)).cost_analysis()["flops"]
+  print(f"flops: train step b={b}: {flops / 1e9:.2f} GFLOP")
+  eps_fn = trainer.eps_function(graphdef, params)
+  for sb in (256, 16):
+    labels = jnp.arange(sb) % 10
+    x = jnp.zeros((sb, 8, 8, 1))
+    one = jax.jit(lambda x: sampling.classifier_free_eps(
+        eps_fn, x, jnp.full((sb,), 500, jnp.int32), labels, 3.0, 10))
+    print(f"flops: CFG sampler step b={sb} (2B pass): "
+          f"{one.lower(x).cost_analysis()['flops'] / 1e9:.2f} GFLOP")
+
+
+FLAG_VARIANTS = {
+    "XLA default (YNN on)": {},
+    "YNN off": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "YNN convs only": {"xla_cpu_experimental_ynn_fusion_type":
+                       "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
+    "YNN on, vector width 512": {"xla_cpu_prefer_vector_width": 512},
+    "YNN off, vector width 512": {"xla_cpu_experimental_ynn_fusion_type": "",
+                                  "xla_cpu_prefer_vector_width": 512},
+}
+
+
+def part_flags(config, graphdef, params):
+  """XLA:CPU options A/B in one process: each variant is its own executable
+  (`compile(compiler_options=...)`), and the timed blocks of all variants interleave.
+  Run with CFG_JAX_XLA_FLAGS=0 so the baseline is XLA's own default."""
+  schedule = schedules.from_config(config.diffusion)
+  tx = training.make_optimizer(**config.optimizer)
+  b = config.train.batch_size
+  batch = {"image": jax.random.normal(jax.random.key(0), (b, 8, 8, 1)),
+           "label": jnp.arange(b, dtype=jnp.int32) % 10}
+  key = jax.random.key(1)
+  step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config), donate_argnums=0)
+  lowered_train = step.lower(_fresh_state(params, tx), batch, key)
+  eps_fn = trainer.eps_function(graphdef, params)
+  lowered_samplers = {}
+  for sb in (256, 16):
+    labels = jnp.arange(sb) % 10
+    x = jax.random.normal(key, (sb, 8, 8, 1))
+    sample = jax.jit(lambda x, eps_fn, labels=labels: ddim_loop(
+        eps_fn, None, schedule, labels, x, num_steps=_STEPS.value, guidance_scale=3.0,
+        null_label=10, passes="both", classifier_scale=0.0, use_cond=True, unroll=1))
+    lowered_samplers[sb] = (sample.lower(x, eps_fn), x)
+  fns = {}
+  for name, options in FLAG_VARIANTS.items():
+    train_exe = lowered_train.compile(compiler_options=options)
+    holder = {"s": _fresh_state(params, tx)}
+
+    def train(exe=train_exe, holder=holder):
+      for _ in range(20):
+        holder["s"], m = exe(holder["s"], batch, key)
+      return m
+
+    fns[(f"train b={b}", name)] = (train, 20)
+    for sb, (lowered, x) in lowered_samplers.items():
+      exe = lowered.compile(compiler_options=options)
+      fns[(f"CFG sampler b={sb}", name)] = (lambda exe=exe, x=x: exe(x, eps_fn), _STEPS.value)
+  for fn, _ in fns.values():
+    jax.block_until_ready(fn())
+  times = {k: [] for k in fns}
+  for _ in range(_ROUNDS.value):
+    for k, (fn, per) in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append((time.perf_counter() - start) / per * 1e3)
+  print(f"XLA:CPU options (ms per step: best / median of {_ROUNDS.value}, interleaved):")
+  for what in dict.fromkeys(k[0] for k in fns):
+    base = min(times[(what, "XLA default (YNN on)")])
+    for name in FLAG_VARIANTS:
+      v = times[(what, name)]
+      print(f"  {what:18s} {name:28s} {min(v):8.2f} / {np.median(v):8.2f}  "
+            f"{base / min(v):5.2f}x speed-up")
+
+
 def main(argv):
   del argv
   cli.tune_allocator()

@@ -2,7 +2,7 @@
 
 import sys
 
-from cfg_jax import checkpoints, data, training
+from cfg_jax import checkpoints, data, training, xla_flags
 
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, checkpoints.CheckpointError,
                data.DatasetError, training.TrainingError)
@@ -65,11 +65,13 @@ def parse_flags_or_exit(argv):
 
 
 def start(argv):
-  """What every entry point does first: reject stray arguments, set up logs and memory."""
+  """What every entry point does first: reject stray arguments, set up logs, memory and the
+  XLA:CPU flags (before anything starts JAX's backend)."""
   from absl import app
 
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  xla_flags.configure()
   setup_logging()
   tune_allocator()
 
