@@ -43,6 +43,7 @@ _BATCH = flags.DEFINE_integer("sample_batch", 256, "Sampler batch.")
 _STEPS = flags.DEFINE_integer("sample_steps", 10, "Sampler steps per timed call.")
 _UNROLLS = flags.DEFINE_list("unrolls", ["1", "2", "5"], "Sampler scan unroll factors.")
 _KS = flags.DEFINE_list("ks", ["1", "2", "4", "8"], "Training steps per dispatch.")
+_VARIANTS = flags.DEFINE_list("flag_variants", [], "Subset of FLAG_VARIANTS (default: all).")
 
 
 def _best_ms(fn, per, rounds):
@@ -434,7 +435,9 @@ def part_flags(config, graphdef, params):
         null_label=10, passes="both", classifier_scale=0.0, use_cond=True, unroll=1))
     lowered_samplers[sb] = (sample.lower(x, eps_fn), x)
   fns = {}
-  for name, options in FLAG_VARIANTS.items():
+  variants = {k: v for k, v in FLAG_VARIANTS.items()
+              if not _VARIANTS.value or k in _VARIANTS.value or k == "XLA default (YNN on)"}
+  for name, options in variants.items():
     train_exe = lowered_train.compile(compiler_options=options)
     holder = {"s": _fresh_state(params, tx)}
 
@@ -458,7 +461,7 @@ def part_flags(config, graphdef, params):
   print(f"XLA:CPU options (ms per step: best / median of {_ROUNDS.value}, interleaved):")
   for what in dict.fromkeys(k[0] for k in fns):
     base = min(times[(what, "XLA default (YNN on)")])
-    for name in FLAG_VARIANTS:
+    for name in variants:
       v = times[(what, name)]
       print(f"  {what:18s} {name:28s} {min(v):8.2f} / {np.median(v):8.2f}  "
             f"{base / min(v):5.2f}x speed-up")

@@ -12,9 +12,11 @@ import importlib.util
 import logging
 import os
 
-# flag name -> value. Turning YNNPACK fusions off sends convolutions and reductions to
-# XLA's own (Eigen) kernels, which ran the UNet's small convolutions faster here.
-CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# flag name -> value; only flags measured as a win go here. None is yet: the candidates
+# (YNNPACK fusions off, "-reduce", --xla_cpu_prefer_vector_width=512) did not win reliably
+# in benchmarks/levers.py --parts=flags on the shared 2-core machine (PERF_FINDINGS.md).
+# E.g. {"xla_cpu_experimental_ynn_fusion_type": ""} turns YNN off once a quiet run shows it.
+CPU_FLAGS: dict = {}
 
 # jaxlib (major, minor) releases on which these flags exist and were measured: an unknown
 # flag in XLA_FLAGS aborts the process, so newer releases get none until checked.
@@ -58,6 +60,8 @@ def configure(flags: dict | None = None) -> str:
                     "XLA:CPU flags were not applied.")
     return current
   present = {item.lstrip("-").split("=")[0] for item in current.split()}
+  if not (CPU_FLAGS if flags is None else flags):
+    return current
   added = [f"--{name}={value}" for name, value in (CPU_FLAGS if flags is None else flags).items()
            if name not in present]
   os.environ["XLA_FLAGS"] = " ".join([current] + added).strip()
