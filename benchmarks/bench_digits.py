@@ -20,7 +20,7 @@ from absl import app, flags
 from jax.tree_util import Partial
 from ml_collections import config_flags
 
-from cfg_jax import cli, data, models, sampling, schedules
+from cfg_jax import cli, data, models, sampling, schedules, xla_flags
 from cfg_jax.train import classifier as classifier_training
 from cfg_jax.train import diffusion as diffusion_training
 from cfg_jax.train import loop
@@ -102,7 +102,8 @@ def bench_sampling(config, graphdef, params):
 
 def main(argv):
   del argv
-  cli.tune_allocator()  # as the entry points do
+  xla_flags.configure()  # before JAX starts its backend, as the entry points do
+  cli.tune_allocator()
   config = _CONFIG.value
   print(f"JAX {jax.__version__} on {jax.device_count()}× {jax.devices()[0].device_kind}")
   graphdef, params = bench_training(config)

@@ -7,7 +7,7 @@ import math
 import sys
 from typing import Optional
 
-from cfg_jax import console, errors
+from cfg_jax import console, errors, xla_flags
 
 
 def tune_allocator():
@@ -76,12 +76,14 @@ def config_value(holder):
 
 
 def start(argv):
-  """What every entry point does first: reject stray arguments, quiet the console (details
-  with --verbosity=1), and keep freed memory in the heap."""
+  """What every entry point does first: reject stray arguments, set the XLA:CPU flags
+  (before anything starts JAX's backend), quiet the console (details with --verbosity=1),
+  and keep freed memory in the heap."""
   from absl import app, flags
 
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  xla_flags.configure()
   console.setup(verbose=flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1)
   tune_allocator()
 

@@ -1,7 +1,6 @@
 """Fault tests: kill -9 and resume, resume equals uninterrupted, injected NaN, unreadable
 checkpoints, the workdir lock."""
 
-import fcntl
 import json
 import os
 import random
@@ -14,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from cfg_jax import checkpoints, data, errors, locking
+from cfg_jax import checkpoints, errors, locking
 from cfg_jax.train import diffusion as diffusion_training
 from cfg_jax.train import loop
 from tests.helpers import REPO, TINY_CONFIG, assert_one_line_error, run_cli

@@ -1,6 +1,5 @@
 """Guidance rules against float64 NumPy transcriptions and exact identities on Gaussian data."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -2,7 +2,6 @@
 swept generation, and the sample.py/sweep.py guidance flags on the tiny config."""
 
 import dataclasses
-import shutil
 
 import jax
 import jax.numpy as jnp

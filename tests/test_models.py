@@ -70,3 +70,16 @@ def test_abstract_model_has_the_structure_of_an_initialised_one():
   assert jax.tree_util.tree_structure(real) == jax.tree_util.tree_structure(abstract)
   for a, r in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(real)):
     assert isinstance(a, jax.ShapeDtypeStruct) and (a.shape, a.dtype) == (r.shape, r.dtype)
+
+
+def test_group_norm_matches_flax_group_norm_with_scale_shift():
+  # unet.group_norm is a faster formulation of nnx.GroupNorm (+ the ResBlock scale-shift).
+  norm = nnx.GroupNorm(16, num_groups=4, rngs=nnx.Rngs(0))
+  norm.scale[...] = jax.random.normal(jax.random.key(1), (16,))
+  norm.bias[...] = jax.random.normal(jax.random.key(2), (16,))
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(3), (5, 4, 4, 16))
+  scale, shift = jax.random.normal(jax.random.key(4), (2, 5, 16))
+  np.testing.assert_allclose(unet.group_norm(norm, x), norm(x), atol=2e-5)
+  np.testing.assert_allclose(unet.group_norm(norm, x, scale, shift),
+                             norm(x) * (1 + scale[:, None, None]) + shift[:, None, None],
+                             atol=5e-5)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfg_jax import data, models, schedules
+from cfg_jax import data, schedules
 from cfg_jax.train import diffusion as diffusion_training
 from cfg_jax.train import loop
 

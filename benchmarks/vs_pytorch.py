@@ -1,0 +1,243 @@
+"""cfg_jax against a layer-for-layer PyTorch twin, side by side in one process.
+
+  pip install -e .[bench]                  # torch (CPU build is enough here)
+  python benchmarks/vs_pytorch.py          # full run, a few minutes on 2 cores
+  python benchmarks/vs_pytorch.py --quick  # under ~2 minutes, fewer steps and rounds
+  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python benchmarks/vs_pytorch.py  # A/B
+
+Prints training images/s (batch 64) and CFG DDIM-50 sampling images/s (batch 256 and 16) for
+both, and the JAX/PyTorch ratios; then JAX-internal step costs: a CFG step against an
+unguided one, and a classifier-guided step on γ = 0 against an unguided one (with the bound
+the issue sets: one unguided pass plus the classifier's forward and backward).
+
+The machines this runs on are shared and noisy, so every measurement is a timed block, and
+JAX and PyTorch blocks alternate (ABBA order) over several rounds; the ratios use the best
+block of each side and the spread (median/best) is printed. Untrained weights: speed does
+not depend on them (both sides get the same random weights).
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# Every cfg_jax import of this benchmark, in one block (the package layout may move).
+from cfg_jax import cli, data, models, sampling, schedules, xla_flags
+from cfg_jax.train import classifier as classifier_training
+from cfg_jax.train import diffusion as diffusion_training
+from cfg_jax.train import loop
+
+try:
+  import torch
+except ImportError:
+  print("vs_pytorch.py needs PyTorch: pip install -e '.[bench]' (or pip install torch).",
+        file=sys.stderr)
+  sys.exit(1)
+
+import jax
+import numpy as np
+from absl import app, flags
+from jax.tree_util import Partial
+from ml_collections import config_flags
+
+import torch_twin
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py"))
+_QUICK = flags.DEFINE_bool("quick", False, "Fewer steps and rounds: under ~2 minutes.")
+_TRAIN_BATCH = flags.DEFINE_integer("train_batch", 64, "Training batch size.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 30, "Training steps per timed block.")
+_SAMPLE_BATCHES = flags.DEFINE_list("sample_batches", ["256", "16"], "Sampling batch sizes.")
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "DDIM steps per sample call.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", 3.0, "Classifier-free γ of the sampling test.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds (each times JAX and torch).")
+_RATIO_BATCH = flags.DEFINE_integer("ratio_batch", 256, "Batch of the JAX-internal ratios.")
+_SKIP = flags.DEFINE_list("skip", [], "Parts to skip: train, sample, ratios.")
+_TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "torch.compile the twin.")
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _interleaved(name, jax_fn, torch_fn, images, rounds):
+  """Times both sides in ABBA order; returns (jax img/s, torch img/s) of the best blocks."""
+  jax_fn(), torch_fn()  # warm-up: compiles, allocator, oneDNN primitive caches
+  times = {"jax": [], "torch": []}
+  for r in range(rounds):
+    order = (("jax", jax_fn), ("torch", torch_fn))
+    for side, fn in (order if r % 2 == 0 else order[::-1]):
+      times[side].append(_timed(fn))
+  best = {k: min(v) for k, v in times.items()}
+  spread = {k: float(np.median(v)) / best[k] for k, v in times.items()}
+  j, t = images / best["jax"], images / best["torch"]
+  print(f"{name:34s} JAX {j:8.0f} img/s | torch {t:8.0f} img/s | JAX/torch {j / t:5.2f}x "
+        f"| median/best JAX {spread['jax']:.2f} torch {spread['torch']:.2f}", flush=True)
+  return j, t
+
+
+def bench_training(config, jax_params, twin, rounds, steps):
+  """One timed block = `steps` training steps, metrics read once at the end (as at a log
+  step); the JAX step is the project's own jitted, donating data-parallel step."""
+  b = _TRAIN_BATCH.value
+  spec = data.spec(config.data.name)
+  mesh = loop.data_mesh()
+  graphdef, _ = diffusion_training.create_unet(config, 0)
+  tx = loop.make_optimizer(**config.optimizer)
+  state = loop.replicate(loop.init_state(jax_params, tx, with_ema=True), mesh)
+  step = loop.jit_data_parallel(
+      diffusion_training.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config),
+      mesh)
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (b, *spec.image_shape)).astype(np.float32)
+  labels = rng.integers(0, spec.num_classes, b).astype(np.int32)
+  batch = loop.shard_batch({"image": images, "label": labels}, mesh)
+  key = jax.random.key(0)
+  holder = {"state": state}
+
+  def jax_block():
+    s = holder["state"]
+    for _ in range(steps):
+      s, metrics = step(s, batch, key)
+    jax.block_until_ready(metrics)
+    holder["state"] = s
+
+  c = config.optimizer
+  trainer_t = torch_twin.Trainer(
+      twin, torch_twin.cosine_alphas_cumprod(config.diffusion.num_timesteps),
+      num_classes=spec.num_classes, p_uncond=config.diffusion.p_uncond,
+      learning_rate=c.learning_rate, warmup_steps=c.warmup_steps, weight_decay=c.weight_decay,
+      grad_clip_norm=c.grad_clip_norm, b1=c.b1, b2=c.b2, ema_decay=config.train.ema_decay)
+  x_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+  y_t = torch.from_numpy(labels).long()
+
+  def torch_block():
+    for _ in range(steps):
+      loss = trainer_t.step(x_t, y_t)
+    loss.item()
+
+  return _interleaved(f"train b={b} ({steps} steps/block)", jax_block, torch_block,
+                      steps * b, rounds)
+
+
+def bench_sampling(config, eps_fn, twin_eval, batch, rounds, num_steps):
+  spec = data.spec(config.data.name)
+  schedule = schedules.from_config(config.diffusion)
+  abar = torch_twin.cosine_alphas_cumprod(config.diffusion.num_timesteps)
+  labels = np.arange(batch) % spec.num_classes
+  labels_t = torch.from_numpy(labels).long()
+  gen = torch.Generator().manual_seed(0)
+  h, w, c = spec.image_shape
+
+  def jax_block():
+    jax.block_until_ready(sampling.sample(
+        jax.random.key(0), eps_fn, schedule, labels, image_shape=spec.image_shape,
+        num_steps=num_steps, guidance_scale=_GUIDANCE.value, null_label=spec.num_classes))
+
+  def torch_block():
+    torch_twin.ddim_cfg_sample(twin_eval, abar, labels_t, num_steps=num_steps,
+                               guidance_scale=_GUIDANCE.value, null_label=spec.num_classes,
+                               image_shape=(c, h, w), generator=gen)
+
+  return _interleaved(f"CFG DDIM-{num_steps} sample b={batch}", jax_block, torch_block, batch,
+                      rounds)
+
+
+def bench_guidance_ratios(config, eps_fn, batch, rounds, num_steps):
+  """JAX-internal: seconds per sampler step of CFG and classifier guidance vs unguided."""
+  spec = data.spec(config.data.name)
+  schedule = schedules.from_config(config.diffusion)
+  cls_graphdef, cls_params = classifier_training.create_classifier(config, 0)
+  classifier_fn = Partial(models.apply, cls_graphdef, cls_params)
+  labels = np.arange(batch) % spec.num_classes
+
+  def run(**kw):
+    return lambda: jax.block_until_ready(sampling.sample(
+        jax.random.key(0), eps_fn, schedule, labels, image_shape=spec.image_shape,
+        num_steps=num_steps, **kw))
+
+  x = jax.random.normal(jax.random.key(1), (batch, *spec.image_shape))
+  t = jax.numpy.full((batch,), 500, jax.numpy.int32)
+  y = jax.numpy.asarray(labels, jax.numpy.int32)
+  grad_fn = jax.jit(lambda x: sampling.classifier_gradient(classifier_fn, x, t, y, 1.0))
+
+  def classifier_only():  # what classifier guidance adds: the classifier's forward + backward
+    for _ in range(num_steps):
+      g = grad_fn(x)
+    jax.block_until_ready(g)
+
+  cases = {
+      "unguided (γ=1, one pass)": run(),
+      "CFG γ=3 (batched 2B pass)": run(guidance_scale=3.0, null_label=spec.num_classes),
+      "classifier s=1 on γ=0": run(guidance_scale=0.0, null_label=spec.num_classes,
+                                   classifier_fn=classifier_fn, classifier_scale=1.0),
+      "classifier fwd+bwd alone": classifier_only,
+  }
+  for fn in cases.values():
+    fn()  # compile
+  best = {name: float("inf") for name in cases}
+  for _ in range(rounds):
+    for name, fn in cases.items():
+      best[name] = min(best[name], _timed(fn))
+  ms = {name: s / num_steps * 1e3 for name, s in best.items()}
+  base = ms["unguided (γ=1, one pass)"]
+  print(f"JAX sampler step costs at b={batch} (best of {rounds}):")
+  for name, v in ms.items():
+    print(f"  {name:30s} {v:7.1f} ms/step  {v / base:5.2f}x unguided")
+  bound = (base + ms["classifier fwd+bwd alone"]) / base
+  print(f"  target: CFG <= 1.90x; classifier-guided <= {bound:.2f}x "
+        "(unguided + classifier fwd+bwd)")
+  return ms
+
+
+def main(argv):
+  del argv
+  cli.tune_allocator()  # as the entry points do
+  torch.set_num_threads(os.cpu_count())
+  # XLA:CPU runs with denormals flushed to zero; give the twin the same arithmetic.
+  torch.set_flush_denormal(True)
+  quick = _QUICK.value
+  rounds = 2 if quick else _ROUNDS.value
+  train_steps = 10 if quick else _TRAIN_STEPS.value
+  sample_steps = 10 if quick else _SAMPLE_STEPS.value
+  config = _CONFIG.value
+  print(f"JAX {jax.__version__} on {jax.device_count()}x {jax.devices()[0].device_kind} | "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads | "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+  graphdef, params = diffusion_training.create_unet(config, 0)
+  # Random (not zero) output layers, so no side can shortcut a zero branch.
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda p: np.asarray(p) + 0.02 * rng.standard_normal(p.shape).astype(np.float32), params)
+  twin = torch_twin.UNet(models.model_config(config).to_dict())
+  torch_twin.load_jax_params(twin, params)
+  n_jax, n_torch = models.count_params(params), torch_twin.count_params(twin)
+  print(f"parameters: JAX {n_jax:,} | torch twin {n_torch:,}")
+  if n_jax != n_torch:
+    raise SystemExit("The twin's parameter count differs from the JAX UNet's.")
+  twin_eval = torch.compile(twin) if _TORCH_COMPILE.value else twin
+
+  skip = set(_SKIP.value)
+  results = {}
+  eps_fn = Partial(models.apply, graphdef, jax.device_put(params))
+  if "sample" not in skip:
+    for b in (int(v) for v in _SAMPLE_BATCHES.value):
+      results[f"sample{b}"] = bench_sampling(config, eps_fn, twin_eval, b, rounds, sample_steps)
+  if "ratios" not in skip:
+    bench_guidance_ratios(config, eps_fn, _RATIO_BATCH.value, rounds, sample_steps)
+  if "train" not in skip:
+    # Training mutates the weights, so it runs last.
+    results["train"] = bench_training(config, params, twin_eval, rounds, train_steps)
+  print("JAX/torch: " + " | ".join(f"{k} {j / t:.2f}x" for k, (j, t) in results.items()))
+  print(f"load average at the end: {os.getloadavg()[0]:.2f} (above ~2 means other jobs "
+        "shared the 2 cores; rerun)" if os.cpu_count() <= 2 else "")
+
+
+if __name__ == "__main__":
+  xla_flags.configure()  # before JAX starts its backend, as the entry points do
+  app.run(main)

@@ -1,0 +1,68 @@
+"""XLA:CPU flags that measured faster for this project, set before JAX starts its backend.
+
+XLA reads `XLA_FLAGS` once, when the first backend starts, so `configure()` must run before
+any JAX computation (the entry points call it first thing). The numbers behind each choice
+are in benchmarks/PERF_FINDINGS.md.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+
+# flag name -> value; only flags measured as a win go here. None is yet: the candidates
+# (YNNPACK fusions off, "-reduce", --xla_cpu_prefer_vector_width=512) did not win reliably
+# in benchmarks/levers.py --parts=flags on the shared 2-core machine (PERF_FINDINGS.md).
+# E.g. {"xla_cpu_experimental_ynn_fusion_type": ""} turns YNN off once a quiet run shows it.
+CPU_FLAGS: dict = {}
+
+# jaxlib (major, minor) releases on which these flags exist and were measured: an unknown
+# flag in XLA_FLAGS aborts the process, so newer releases get none until checked.
+TESTED_JAXLIB = {(0, 10)}
+
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin",
+                        "jax_rocm60_plugin", "libtpu")
+
+
+def cpu_is_the_backend() -> bool:
+  """Whether JAX will run on its CPU backend, judged without starting any backend."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    return platforms.split(",")[0] == "cpu"
+  return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
+
+
+def _jaxlib_version():
+  try:
+    return tuple(int(v) for v in importlib.metadata.version("jaxlib").split(".")[:2])
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    return None
+
+
+def configure(flags: dict | None = None) -> str:
+  """Adds `flags` (default CPU_FLAGS) to XLA_FLAGS, only for the CPU backend.
+
+  A flag the user already put in XLA_FLAGS keeps the user's value, so any setting can still
+  be A/B tested from the shell; CFG_JAX_XLA_FLAGS=0 in the environment turns this off. Does nothing on GPU/TPU, on untested jaxlib releases, or
+  once a JAX backend is running (it warns then). Returns the resulting XLA_FLAGS.
+  """
+  current = os.environ.get("XLA_FLAGS", "")
+  if os.environ.get("CFG_JAX_XLA_FLAGS", "1") == "0":  # opt-out, e.g. to A/B XLA's defaults
+    return current
+  if not cpu_is_the_backend() or _jaxlib_version() not in TESTED_JAXLIB:
+    return current
+  from jax._src import xla_bridge  # private, but the only way to ask without starting one
+
+  if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+    logging.warning("cfg_jax.xla_flags.configure() ran after JAX started its backend; the "
+                    "XLA:CPU flags were not applied.")
+    return current
+  present = {item.lstrip("-").split("=")[0] for item in current.split()}
+  if not (CPU_FLAGS if flags is None else flags):
+    return current
+  added = [f"--{name}={value}" for name, value in (CPU_FLAGS if flags is None else flags).items()
+           if name not in present]
+  os.environ["XLA_FLAGS"] = " ".join([current] + added).strip()
+  return os.environ["XLA_FLAGS"]
