@@ -58,7 +58,7 @@ CASES = {
     "sample batch 0": (SAMPLE + ("--batch_size", "0"), "--batch_size must be positive"),
     "sample eta<0": (SAMPLE + ("--eta", "-1"), "--eta must be"),
     "sample ddpm eta": (SAMPLE + ("--method", "ddpm", "--eta", "0.5"), "--eta applies"),
-    "sample nan scale": (SAMPLE + ("--guidance_scale", "nan"), "--guidance_scale must be a finite"),
+    "sample nan scale": (SAMPLE + ("--guidance_scale", "nan"), "scale must be a finite"),
     "sample no classifier": (SAMPLE + ("--classifier_workdir", "{tmp}/nothing"), "No checkpoint"),
     # evaluate.py
     "evaluate missing": (EVALUATE + ("{tmp}/missing.npz",), "No sample file"),
