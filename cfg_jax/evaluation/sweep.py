@@ -1,7 +1,7 @@
 """Guidance sweeps: sample one trained model at several scales and score every set.
 
 All scales use the same seed (so the same x_T) and the same balanced labels; the sampler is
-compiled once, since scales are traced values.
+compiled once, since scales are traced values. Sampling spans every device of every process.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import jax
 from absl import logging
 
-from cfg_jax import data, generate, io, pipeline
+from cfg_jax import data, distributed, generate, io, pipeline
 from cfg_jax.evaluation import METRIC_NAMES, evalnet as evalnet_lib, evaluate, format_table
 
 FILES = ("sweep.json", "sweep.csv", "sweep.png")
@@ -46,13 +46,17 @@ def run_sweep(*, workdir: str, guidance_scales: Sequence[float] = (),
                                          classifier_scale=float(s)))
            for s in classifier_scales]
   rows = []
-  for kind, scale, kwargs in tqdm(runs, desc="sweep", unit="scale"):
+  # Every process samples its share and scores the gathered set; process 0 writes.
+  for kind, scale, kwargs in tqdm(runs, desc="sweep", unit="scale",
+                                  disable=not distributed.is_main()):
     samples = generate.generate(jax.random.key(seed), model, labels, batch_size=batch_size,
                                 method=method, num_steps=num_steps, **kwargs)
     row = {"guidance": kind, "scale": scale,
            **evaluate(samples, labels, net, test, train)}
     rows.append(row)
     logging.info("%s %g: %s", kind, scale, {k: round(row[k], 4) for k in METRIC_NAMES})
+  if not distributed.is_main():
+    return rows
   os.makedirs(out_dir, exist_ok=True)
   write_table(rows, out_dir, evalnet_accuracy=net.test_accuracy)
   plot(rows, os.path.join(out_dir, "sweep.png"), title=f"{config.data.name}: {num_samples} "
