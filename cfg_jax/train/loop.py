@@ -98,7 +98,9 @@ def data_mesh(devices=None):
 
 
 def replicate(tree, mesh):
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  # Not device_put: restored arrays are committed to one device, and a committed array
+  # cannot be moved onto other hosts' devices; every process copies in its own.
+  return distributed.replicate_tree(tree, mesh)
 
 
 def shard_batch(batch: dict, mesh) -> dict:
