@@ -10,9 +10,11 @@ single device's samples, about N× faster.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -56,9 +58,25 @@ def sample_sharded(key, model: pipeline_lib.Pipeline, labels, mesh=None,
   mesh = mesh or _mesh()
   labels = np.asarray(labels, np.int32)
   padded = np.resize(labels, -(-len(labels) // mesh.size) * mesh.size)
-  labels_on_mesh = distributed.put_global(padded, NamedSharding(mesh, P("data")))
-  x = replicated(model, mesh).sample(key, labels_on_mesh, **sample_options)
+  # x_T is made in shards over "data"; jit propagates that split through the sampler. The
+  # labels stay a host array: the sampler checks their values, which a global array
+  # spanning other hosts cannot show.
+  x_init = _initial_noise(key, (len(padded), *model.image_shape),
+                          NamedSharding(mesh, P("data")))
+  x = replicated(model, mesh).sample(key, padded, x_init=x_init, **sample_options)
   return distributed.to_host(x)[:len(labels)]
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "sharding"))
+def _initial_noise_jit(key, shape, sharding):
+  x = jax.random.normal(jax.random.split(key)[0], shape, jnp.float32)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _initial_noise(key, shape, sharding):
+  """The x_T that `sampling.sample` draws from `key` itself (from the first half of its
+  key split), made directly in shards."""
+  return _initial_noise_jit(key, tuple(shape), sharding)
 
 
 def replicated(model: pipeline_lib.Pipeline, mesh) -> pipeline_lib.Pipeline:
