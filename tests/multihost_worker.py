@@ -21,6 +21,10 @@ def main(workdir: str, out: str) -> None:
   distributed.maybe_initialize()
   import jax
 
+  from cfg_jax import console
+
+  console.setup()  # console lines on stderr, as the entry points show them
+
   from cfg_jax import data, generate, pipeline
   from cfg_jax.train import diffusion
   from configs import digits_tiny
