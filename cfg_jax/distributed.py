@@ -52,6 +52,10 @@ def maybe_initialize(multihost: bool = False) -> bool:
                        f"too (got {os.environ.get(ENV_COUNT)!r}, "
                        f"{os.environ.get(ENV_ID)!r}).") from None
   jax.distributed.initialize(**kwargs)
+  if _cpu_only():
+    # Gloo gives peers 30 s to join a new communicator. Made now, while every process is
+    # at the same line; made at the first train step, one slow compile could exceed it.
+    barrier("cfg_jax: all processes joined")
   return True
 
 
