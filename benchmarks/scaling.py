@@ -48,7 +48,8 @@ def main(argv):
   state = loop.replicate(loop.init_state(params, tx, with_ema=True), mesh)
   batches = data.batches(split, config.train.batch_size, config.seed)
   key = jax.random.key(0)
-  state, _ = step(state, loop.shard_batch(next(batches), mesh), key)  # compile
+  for _ in range(3):  # compile, and let the allocator settle
+    state, _ = step(state, loop.shard_batch(next(batches), mesh), key)
   jax.block_until_ready(state)
   start = time.perf_counter()
   for _ in range(_TRAIN_STEPS.value):

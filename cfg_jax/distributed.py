@@ -151,9 +151,12 @@ def replicate_tree(tree, mesh):
   sharding = NamedSharding(mesh, P())
 
   def place(x):
-    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
       return x
+    if isinstance(x, jax.Array) and (process_count() == 1 or not x.committed):
+      return jax.device_put(x, sharding)  # keeps weak types: the jitted step won't retrace
     if isinstance(x, (jax.Array, np.ndarray)):
+      # Committed to one local device (e.g. restored): device_put cannot reach other hosts.
       return put_global(x, sharding)
     return x
 

@@ -98,8 +98,8 @@ def data_mesh(devices=None):
 
 
 def replicate(tree, mesh):
-  # Not device_put: restored arrays are committed to one device, and a committed array
-  # cannot be moved onto other hosts' devices; every process copies in its own.
+  # Not plain device_put: a restored array is committed to one device and cannot be moved
+  # onto other hosts' devices; there every process copies in its own.
   return distributed.replicate_tree(tree, mesh)
 
 
