@@ -35,7 +35,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 
 def main(argv):
   cli.start(argv)
-  from cfg_jax import generate
+  from cfg_jax import distributed, generate
 
   npz, png = cli.run_or_exit(lambda: generate.sample_to_npz(
       workdir=_WORKDIR.value, out=_OUT.value, num_samples=_NUM_SAMPLES.value,
@@ -45,7 +45,8 @@ def main(argv):
       num_steps=_NUM_STEPS.value, eta=_ETA.value, seed=_SEED.value, batch_size=_BATCH.value,
       classifier_scale=_CLS_SCALE.value, classifier_workdir=_CLS_WORKDIR.value,
       overwrite=_OVERWRITE.value))
-  print(f"Wrote {npz} and {png}")
+  if distributed.is_main():
+    print(f"Wrote {npz} and {png}")
 
 
 if __name__ == "__main__":

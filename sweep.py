@@ -39,6 +39,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing sweep files
 
 def main(argv):
   cli.start(argv)
+  from cfg_jax import distributed
   from cfg_jax.evaluation import sweep
 
   def run():
@@ -52,7 +53,8 @@ def main(argv):
         classifier_base_guidance=_BASE.value, num_samples=_NUM.value, seed=_SEED.value,
         method=_METHOD.value, num_steps=_STEPS.value, batch_size=_BATCH.value,
         out_dir=_OUT.value, evalnet_dir=_EVALNET.value, overwrite=_OVERWRITE.value)
-    sweep.print_rows(rows)
+    if distributed.is_main():
+      sweep.print_rows(rows)
 
   cli.run_or_exit(run)
 

@@ -2,6 +2,7 @@
 
   python train.py                                   # the embedded digits default
   python train.py --config configs/digits.py --workdir runs/digits --config.train.num_steps=4000
+  srun python train.py --multihost --workdir /shared/runs/x     # one process per host (SLURM)
 """
 
 import os

@@ -75,15 +75,31 @@ def config_value(holder):
                              " pass an existing file, e.g. --config configs/digits.py.") from None
 
 
+def define_multihost_flag():
+  """`--multihost`, shared by every entry point (defined once, on first import)."""
+  from absl import flags
+
+  if "multihost" not in flags.FLAGS:
+    flags.DEFINE_bool("multihost", False, "Join the other processes of a multi-host job "
+                      "(SLURM, TPU pod slice, ...; see cfg_jax/distributed.py). Also on when "
+                      "JAX_COORDINATOR_ADDRESS is set.")
+
+
+define_multihost_flag()
+
+
 def start(argv):
   """What every entry point does first: reject stray arguments, set the XLA:CPU flags
-  (before anything starts JAX's backend), quiet the console (details with --verbosity=1),
-  and keep freed memory in the heap."""
+  (before anything starts JAX's backend), join the other processes of a multi-host job,
+  quiet the console (details with --verbosity=1), and keep freed memory in the heap."""
   from absl import app, flags
+
+  from cfg_jax import distributed
 
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   xla_flags.configure()
+  distributed.maybe_initialize(flags.FLAGS.multihost)
   console.setup(verbose=flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1)
   tune_allocator()
 

@@ -11,6 +11,8 @@ import sys
 
 from absl import logging
 
+from cfg_jax import distributed
+
 
 def details_on_console() -> bool:
   """True when the console already shows INFO logs (`--verbosity=1`)."""
@@ -18,7 +20,9 @@ def details_on_console() -> bool:
 
 
 def say(message: str) -> None:
-  """A line for the person at the console (and the log file)."""
+  """A line for the person at the console (and the log file), prefixed with the process
+  when several share the job."""
+  message = distributed.speaker() + message
   logging.info(message)
   if not details_on_console():
     print(message, file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ def get_config():
       name="digits",
       data_dir="",  # "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
       download=False,  # only catalog data sets download, and only when asked
+      streaming=False,  # True: read batches from disk through grain, not all in memory
   )
 
   config.model = dict(

@@ -3,6 +3,7 @@
 All scales use the same seed (so the same x_T) and the same balanced labels. The scales of
 the guidance rule are sampled together, as one compiled call per batch (a 1-D array of
 scales); classifier-guidance scales reuse one compiled sampler, since scales are traced.
+Sampling spans every device of every process.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cfg_jax import data, errors, generate, io, pipeline
+from cfg_jax import data, distributed, errors, generate, io, pipeline
 from cfg_jax.evaluation import METRIC_NAMES, MIN_SAMPLES, evaluate, format_table
 from cfg_jax.evaluation import evalnet as evalnet_lib
 
@@ -75,12 +76,16 @@ def run_sweep(*, workdir: str, guidance_scales: Sequence[float] = (),
         jax.random.key(seed), model, labels, guidance_scale=classifier_base_guidance,
         classifier_scale=float(s), **options)[None]))
   rows = []
-  for name, scales, draw in tqdm(runs, desc="sweep", unit="rule"):
+  # Every process samples its share and scores the gathered set; process 0 writes.
+  for name, scales, draw in tqdm(runs, desc="sweep", unit="rule",
+                                 disable=not distributed.is_main()):
     for scale, samples in zip(scales, draw()):
       row = {"guidance": name, "scale": float(scale),
              **evaluate(samples, labels, net, test, train)}
       rows.append(row)
       logging.info("%s %g: %s", name, scale, {k: round(row[k], 4) for k in METRIC_NAMES})
+  if not distributed.is_main():
+    return rows
   os.makedirs(out_dir, exist_ok=True)
   write_table(rows, out_dir, evalnet_accuracy=net.test_accuracy)
   settings = "".join(f", {k}={v}" for k, v in sample_options.items() if v is not None)

@@ -17,7 +17,7 @@ import optax
 from absl import logging
 from jax.tree_util import Partial
 
-from cfg_jax import data, diffusion, models, schedules
+from cfg_jax import data, diffusion, distributed, models, schedules
 from cfg_jax.models import unet
 from cfg_jax.train import loop
 
@@ -83,10 +83,11 @@ def train(config, workdir: str, train_split: data.Split, mesh=None):
   classifier_fn = Partial(models.apply, graphdef, state.params)
   test = data.load_split(config.data.name, "test", config.data.data_dir or None)
   quarters = accuracy_by_noise_quarter(classifier_fn, schedule, test)
-  # The test accuracy is written again after every (re)run of fit: keep one record of it.
-  loop.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), "classifier/test_accuracy",
-                        int(state.step) - 1)
-  writer = loop.MetricWriter(workdir, "classifier")
+  if distributed.is_main():
+    # The test accuracy is written again after every (re)run of fit: keep one record of it.
+    loop.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), "classifier/test_accuracy",
+                          int(state.step) - 1)
+  writer = distributed.on_main(loop.MetricWriter, workdir, "classifier")
   writer.write(int(state.step), {f"test_accuracy_q{i}": a for i, a in enumerate(quarters)})
   writer.close()
   logging.info("Noisy classifier test accuracy by noise quarter (low→high t): %s",

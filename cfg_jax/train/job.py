@@ -10,7 +10,8 @@ import jax
 import numpy as np
 from jax.tree_util import Partial
 
-from cfg_jax import checkpoints, config_checks, console, data, io, locking, models, pipeline
+from cfg_jax import (checkpoints, config_checks, console, data, distributed, generate, io,
+                     locking, models, pipeline)
 from cfg_jax.train import classifier as classifier_training
 from cfg_jax.train import diffusion as diffusion_training
 
@@ -22,8 +23,10 @@ def sample_grid(path: str, model: pipeline.Pipeline, seed: int, **sample_options
   """Samples `samples_per_class` images of every class; one row per class. Returns them."""
   per_class = model.config.sampling.samples_per_class
   labels = np.repeat(np.arange(model.num_classes), per_class)
-  samples = io.to_uint8(model.sample(jax.random.key(seed), labels, **sample_options))
-  io.save_grid(path, samples, num_rows=model.num_classes)
+  samples = io.to_uint8(generate.sample_sharded(jax.random.key(seed), model, labels,
+                                                **sample_options))
+  if distributed.is_main():
+    io.save_grid(path, samples, num_rows=model.num_classes)
   return samples, labels
 
 
@@ -39,17 +42,24 @@ def train_and_evaluate(config, workdir: str) -> None:
       (diffusion_training.CHECKPOINT_DIR, diffusion_training.STATE_SECTIONS),
       (classifier_training.CHECKPOINT_DIR, classifier_training.STATE_SECTIONS)):
     checkpoints.check_resumable(os.path.join(workdir, directory), config.to_dict(), sections)
+  if not distributed.is_main():  # the processes of one job share the workdir: 0 holds the lock
+    return _train_and_evaluate(config, workdir, started)
   with locking.exclusive(os.path.join(workdir, LOCK_FILE), what=f"workdir {workdir}"):
     _train_and_evaluate(config, workdir, started)
 
 
 def _train_and_evaluate(config, workdir: str, started: float) -> None:
-  console.log_to_file(os.path.join(workdir, "train.log"))
+  os.makedirs(workdir, exist_ok=True)
+  index = distributed.process_index()
+  console.log_to_file(os.path.join(workdir, f"train.process{index}.log" if index else
+                                   "train.log"))
   devices = jax.devices()
-  train_split = data.load_split(config.data.name, "train", config.data.data_dir or None,
-                                config.data.download)
-  console.say(f"Training on {config.data.name} ({len(train_split.labels):,} images) with "
-              f"{len(devices)} {devices[0].platform.upper()} device(s); outputs in {workdir}")
+  train_split = data.open_split(config.data.name, "train", config.data.data_dir or None,
+                                config.data.download, config.data.get("streaming", False))
+  hosts = f" on {distributed.process_count()} hosts" if distributed.process_count() > 1 else ""
+  console.say(f"Training on {config.data.name} ({len(train_split):,} images) with "
+              f"{len(devices)} {devices[0].platform.upper()} device(s){hosts}; outputs in "
+              f"{workdir}")
   graphdef, state = diffusion_training.train(config, workdir, train_split)
   console.say(f"Diffusion model: {models.count_params(state.params):,} parameters, "
               f"{int(state.step)} steps of batch {config.train.batch_size}.")
@@ -79,6 +89,7 @@ def _judged(grids: dict, config) -> str:
   from cfg_jax.evaluation import evalnet
 
   path = next((p for p in grids if p.endswith("samples_cfg_3.png")), None)
+  path = path if distributed.is_main() else None  # the others may lack the network
   net = evalnet.load(config.data.name) if path else None
   if net is None:
     return ""

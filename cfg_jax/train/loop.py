@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cfg_jax import checkpoints, console, data, errors
+from cfg_jax import checkpoints, console, data, distributed, errors
 
 
 class TrainingError(errors.UserError, RuntimeError):
@@ -116,25 +116,20 @@ def data_mesh(devices=None):
 
 
 def replicate(tree, mesh):
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  # Not plain device_put: a restored array is committed to one device and cannot be moved
+  # onto other hosts' devices; there every process copies in its own.
+  return distributed.replicate_tree(tree, mesh)
 
 
 def shard_batch(batch: dict, mesh) -> dict:
-  """Global host batch → array split over the "data" axis.
+  """This process's rows of the global batch → one global array split over "data".
 
-  Every process builds the same global batch (the data order is a function of the step)
-  and contributes its own slice, so the same code spans several hosts.
+  Each process reads only the rows its devices hold (`distributed.local_rows`; all of them
+  on one host), so the same code spans several hosts.
   """
   sharding = NamedSharding(mesh, P("data"))
-  index, count = jax.process_index(), jax.process_count()
-
-  def place(value):
-    value = np.asarray(value)
-    per_process = len(value) // count
-    local = value[index * per_process:(index + 1) * per_process]
-    return jax.make_array_from_process_local_data(sharding, local, value.shape)
-
-  return {k: place(v) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
 
 
 def jit_data_parallel(step_fn, mesh):
@@ -241,14 +236,17 @@ def fit(
     if int(state.step):
       console.say(f"Resuming {description} from step {int(state.step)}.")
   train_step = jit_data_parallel(make_train_step(loss_fn, tx, ema_decay), mesh)
-  # Steps logged after the checkpoint we resume from are run (and logged) again.
-  truncate_metrics(os.path.join(workdir, "metrics.jsonl"), f"{description}/", int(state.step))
-  writer = MetricWriter(workdir, description)
+  if distributed.is_main():
+    # Steps logged after the checkpoint we resume from are run (and logged) again.
+    truncate_metrics(os.path.join(workdir, "metrics.jsonl"), f"{description}/",
+                     int(state.step))
+  writer = distributed.on_main(MetricWriter, workdir, description)  # written once
+  rows = distributed.local_rows(NamedSharding(mesh, P("data")), batch_size)
   try:
     return run_loop(
         state=replicate(state, mesh), train_step=train_step,
-        batches=data.batches(split, batch_size, streams.data, int(state.step)), mesh=mesh,
-        key=streams.train, num_steps=num_steps, manager=mngr,
+        batches=data.batches(split, batch_size, streams.data, int(state.step), rows),
+        mesh=mesh, key=streams.train, num_steps=num_steps, manager=mngr,
         config_dict=None if config is None else config.to_dict(), writer=writer,
         log_every=log_every, checkpoint_every=checkpoint_every or num_steps,
         batch_size=batch_size, description=description, keep_steps=keep_steps)
@@ -284,7 +282,7 @@ def run_loop(
 
   start = int(state.step)
   bar = tqdm(total=num_steps, initial=start, desc=description, unit="step", mininterval=2.0,
-             disable=start >= num_steps)
+             disable=start >= num_steps or not distributed.is_main())
   last_time, last_step = time.perf_counter(), start
   for step in range(start, num_steps):
     state, metrics = train_step(state, shard_batch(next(batches), mesh), key)
