@@ -12,11 +12,14 @@ import importlib.util
 import logging
 import os
 
-# flag name -> value; only flags measured as a win go here. None is yet: the candidates
-# (YNNPACK fusions off, "-reduce", --xla_cpu_prefer_vector_width=512) did not win reliably
-# in benchmarks/levers.py --parts=flags on the shared 2-core machine (PERF_FINDINGS.md).
-# E.g. {"xla_cpu_experimental_ynn_fusion_type": ""} turns YNN off once a quiet run shows it.
-CPU_FLAGS: dict = {}
+# flag name -> value; only flags measured as a win go here (benchmarks/PERF_FINDINGS.md).
+# Two host devices on a 2-core CPU: one XLA:CPU device keeps both cores only ~140% busy on
+# these small convolutions, while the data-parallel step over two devices keeps them full.
+# Measured with benchmarks/vs_pytorch.py on the quiet 2-core machine: training 626 → 918
+# images/s (JAX/PyTorch 0.83× → 1.07×); batches must divide by 2 (every config's do).
+# YNNPACK fusions off, "-reduce" and --xla_cpu_prefer_vector_width=512 did not win reliably.
+CPU_FLAGS: dict = {"xla_force_host_platform_device_count": 2} if (os.cpu_count() or 1) >= 2 \
+    else {}
 
 # jaxlib (major, minor) releases on which these flags exist and were measured: an unknown
 # flag in XLA_FLAGS aborts the process, so newer releases get none until checked.
@@ -45,8 +48,9 @@ def configure(flags: dict | None = None) -> str:
   """Adds `flags` (default CPU_FLAGS) to XLA_FLAGS, only for the CPU backend.
 
   A flag the user already put in XLA_FLAGS keeps the user's value, so any setting can still
-  be A/B tested from the shell; CFG_JAX_XLA_FLAGS=0 in the environment turns this off. Does nothing on GPU/TPU, on untested jaxlib releases, or
-  once a JAX backend is running (it warns then). Returns the resulting XLA_FLAGS.
+  be A/B tested from the shell; CFG_JAX_XLA_FLAGS=0 in the environment turns this off.
+  Does nothing on GPU/TPU, on untested jaxlib releases, or once a JAX backend is running (it
+  warns then). Returns the resulting XLA_FLAGS.
   """
   current = os.environ.get("XLA_FLAGS", "")
   if os.environ.get("CFG_JAX_XLA_FLAGS", "1") == "0":  # opt-out, e.g. to A/B XLA's defaults
