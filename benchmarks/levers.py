@@ -135,7 +135,8 @@ def part_hlo(config, graphdef, params):
   schedule = schedules.from_config(config.diffusion)
   tx = loop.make_optimizer(**config.optimizer)
   state = _fresh_state(params, tx)
-  step = jax.jit(diffusion_training.make_train_step(graphdef, tx, schedule, config), donate_argnums=0)
+  step = jax.jit(diffusion_training.make_train_step(graphdef, tx, schedule, config),
+                 donate_argnums=0)
   batch = {"image": jnp.zeros((64, 8, 8, 1)), "label": jnp.zeros((64,), jnp.int32)}
   text = step.lower(state, batch, jax.random.key(0)).compile().as_text()
   print(f"hlo: train step: {bare_convs(text)} bare convolution(s)")
@@ -276,7 +277,8 @@ def part_parts(config, graphdef, params):
     return n
 
   r = _ROUNDS.value
-  full = jax.jit(diffusion_training.make_train_step(graphdef, tx, schedule, config), donate_argnums=0)
+  full = jax.jit(diffusion_training.make_train_step(graphdef, tx, schedule, config),
+                 donate_argnums=0)
   holder2 = {"s": _fresh_state(params, tx)}
   batch = {"image": x, "label": y}
 
@@ -299,6 +301,15 @@ def part_parts(config, graphdef, params):
   print(f"  full train step         {_best_ms(run_full, 20, r):7.2f}")
 
 
+def _train_inputs(config):
+  """(schedule, optimizer, batch size, a fixed batch, a key): what every training A/B uses."""
+  b = config.train.batch_size
+  batch = {"image": jax.random.normal(jax.random.key(0), (b, 8, 8, 1)),
+           "label": jnp.arange(b, dtype=jnp.int32) % 10}
+  return (schedules.from_config(config.diffusion), loop.make_optimizer(**config.optimizer), b,
+          batch, jax.random.key(1))
+
+
 def _reference_group_norm(norm, x, scale=None, shift=None):
   """nnx.GroupNorm then the scale-shift, as the UNet computed them before."""
   h = norm(x)
@@ -307,17 +318,13 @@ def _reference_group_norm(norm, x, scale=None, shift=None):
 
 def part_gn(config, graphdef, params):
   """unet.group_norm against nnx.GroupNorm: train step and CFG sampler step, interleaved."""
-  schedule = schedules.from_config(config.diffusion)
-  tx = loop.make_optimizer(**config.optimizer)
-  b = config.train.batch_size
-  batch = {"image": jax.random.normal(jax.random.key(0), (b, 8, 8, 1)),
-           "label": jnp.arange(b, dtype=jnp.int32) % 10}
-  key = jax.random.key(1)
+  schedule, tx, b, batch, key = _train_inputs(config)
   fast = unet.group_norm
   fns = {}
   for name, gn in (("nnx.GroupNorm", _reference_group_norm), ("unet.group_norm", fast)):
     unet.group_norm = gn  # read at trace time, so each jit below keeps its variant
-    step = jax.jit(diffusion_training.make_train_step(graphdef, tx, schedule, config), donate_argnums=0)
+    step = jax.jit(diffusion_training.make_train_step(graphdef, tx, schedule, config),
+                   donate_argnums=0)
     holder = {"s": _fresh_state(params, tx)}
 
     def train(step=step, holder=holder):
@@ -351,13 +358,9 @@ def part_gn(config, graphdef, params):
 
 def part_steps(config, graphdef, params):
   """The three headline costs, for A/B runs of XLA_FLAGS (one setting per process)."""
-  schedule = schedules.from_config(config.diffusion)
-  tx = loop.make_optimizer(**config.optimizer)
-  b = config.train.batch_size
-  batch = {"image": jax.random.normal(jax.random.key(0), (b, 8, 8, 1)),
-           "label": jnp.arange(b, dtype=jnp.int32) % 10}
-  key = jax.random.key(1)
-  step = jax.jit(diffusion_training.make_train_step(graphdef, tx, schedule, config), donate_argnums=0)
+  schedule, tx, b, batch, key = _train_inputs(config)
+  step = jax.jit(diffusion_training.make_train_step(graphdef, tx, schedule, config),
+                 donate_argnums=0)
   holder = {"s": _fresh_state(params, tx)}
 
   def train():
@@ -419,13 +422,9 @@ def part_flags(config, graphdef, params):
   """XLA:CPU options A/B in one process: each variant is its own executable
   (`compile(compiler_options=...)`), and the timed blocks of all variants interleave.
   Run with CFG_JAX_XLA_FLAGS=0 so the baseline is XLA's own default."""
-  schedule = schedules.from_config(config.diffusion)
-  tx = loop.make_optimizer(**config.optimizer)
-  b = config.train.batch_size
-  batch = {"image": jax.random.normal(jax.random.key(0), (b, 8, 8, 1)),
-           "label": jnp.arange(b, dtype=jnp.int32) % 10}
-  key = jax.random.key(1)
-  step = jax.jit(diffusion_training.make_train_step(graphdef, tx, schedule, config), donate_argnums=0)
+  schedule, tx, b, batch, key = _train_inputs(config)
+  step = jax.jit(diffusion_training.make_train_step(graphdef, tx, schedule, config),
+                 donate_argnums=0)
   lowered_train = step.lower(_fresh_state(params, tx), batch, key)
   eps_fn = Partial(models.apply, graphdef, params)
   lowered_samplers = {}
