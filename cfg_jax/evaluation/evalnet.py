@@ -121,6 +121,12 @@ def _load_checked(dataset: str, directory: str, settings: dict) -> Optional[Eval
   return load(dataset, directory)
 
 
+def _one_device_mesh():
+  """One device in a single-process run, so the judge does not depend on the device count
+  (a data-parallel all-reduce sums gradients in another order); None (all devices) else."""
+  return loop.data_mesh(jax.devices()[:1]) if jax.process_count() == 1 else None
+
+
 def _train(dataset: str, directory: str, data_dir: Optional[str], settings: dict) -> EvalNet:
   logging.info("Training the %s evaluation network into %s.", dataset, directory)
   graphdef, params = _create(dataset, settings)
@@ -129,7 +135,8 @@ def _train(dataset: str, directory: str, data_dir: Optional[str], settings: dict
                    tx=optax.adamw(settings["learning_rate"],
                                   weight_decay=settings["weight_decay"]),
                    split=train, seed=settings["seed"], batch_size=settings["batch_size"],
-                   num_steps=settings["num_steps"], workdir=directory, log_every=500)
+                   num_steps=settings["num_steps"], workdir=directory, log_every=500,
+                   mesh=_one_device_mesh())
   test = data.load_split(dataset, "test", data_dir)
   logits, _ = EvalNet(graphdef, state.params, dataset, 0.0)(io.to_uint8(test.images))
   test_accuracy = float(np.mean(np.argmax(logits, -1) == test.labels))

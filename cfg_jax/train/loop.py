@@ -284,8 +284,12 @@ def run_loop(
   bar = tqdm(total=num_steps, initial=start, desc=description, unit="step", mininterval=2.0,
              disable=start >= num_steps or not distributed.is_main())
   last_time, last_step = time.perf_counter(), start
+  one_in_flight = _collectives_can_starve(mesh)
   for step in range(start, num_steps):
-    state, metrics = train_step(state, shard_batch(next(batches), mesh), key)
+    batch = shard_batch(next(batches), mesh)
+    if one_in_flight:
+      jax.block_until_ready(state)
+    state, metrics = train_step(state, batch, key)
     done = step + 1
     if done % log_every == 0 or done % checkpoint_every == 0 or done == num_steps:
       metrics = jax.device_get(metrics)
@@ -305,6 +309,19 @@ def run_loop(
     bar.update(1)
   bar.close()
   return state
+
+
+def _collectives_can_starve(mesh) -> bool:
+  """Whether queued steps could deadlock XLA:CPU's in-process all-reduce.
+
+  Several CPU devices of one process run their shares of a step on one shared thread pool.
+  With steps queued ahead, the shares of step n + 1 can hold every thread while waiting at
+  the gradient all-reduce for a share of step n that then never runs (seen on 2 cores with
+  2 host devices: "Termination timeout for `all reduce`", abort). Dispatching a step only
+  once the previous one is done rules this out; the cost is the dispatch latency alone.
+  """
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  return len(local) > 1 and local[0].platform == "cpu"
 
 
 def _numbers(metrics: dict) -> str:
