@@ -110,10 +110,8 @@ def ddim_loop(eps_fn, classifier_fn, schedule, labels, x, *, num_steps, guidance
       eps = eps_fn(x_t, t_b, y)
     grad = None
     if classifier_fn is not None:
-      if use_cond:
-        grad = sampling.classifier_gradient(classifier_fn, x_t, t_b, labels, classifier_scale)
-      else:
-        grad = _classifier_gradient_no_cond(classifier_fn, x_t, t_b, labels, classifier_scale)
+      gradient = _classifier_gradient_in_cond if use_cond else sampling.classifier_gradient
+      grad = gradient(classifier_fn, x_t, t_b, labels, classifier_scale)
     x_prev = sampling.ddim_step(schedule, x_t, t_b, t_b - stride, eps, grad, 0.0,
                                 jnp.zeros_like(x_t), True)
     return x_prev, None
@@ -121,14 +119,11 @@ def ddim_loop(eps_fn, classifier_fn, schedule, labels, x, *, num_steps, guidance
   return jax.lax.scan(step, x, ts, unroll=unroll)[0]
 
 
-def _classifier_gradient_no_cond(classifier_fn, x_t, t, y, scale):
-  def total_log_prob(x):
-    log_probs = jax.nn.log_softmax(classifier_fn(x, t), axis=-1)
-    n = log_probs.shape[-1]
-    picked = jnp.take_along_axis(log_probs, jnp.minimum(y, n - 1)[:, None], axis=-1)
-    return jnp.sum(jnp.where(y[:, None] < n, picked, 0.0))
-
-  return scale * jax.grad(total_log_prob)(x_t)
+def _classifier_gradient_in_cond(classifier_fn, x_t, t, y, scale):
+  """The gradient inside `lax.cond(s != 0, ...)`, as the sampler had it before."""
+  return jax.lax.cond(scale != 0,
+                      lambda x: sampling.classifier_gradient(classifier_fn, x, t, y, scale),
+                      jnp.zeros_like, x_t)
 
 
 def part_hlo(config, graphdef, params):

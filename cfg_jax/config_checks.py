@@ -13,6 +13,7 @@ from cfg_jax import data, errors
 
 SCHEDULES = ("linear", "cosine")  # the names `cfg_jax.schedules.get` knows
 SAMPLING_METHODS = ("ddim", "ddpm")
+LR_DECAYS = ("constant", "cosine")  # `cfg_jax.train.loop.LR_DECAYS`, kept here JAX-free
 
 
 def validate(config) -> None:
@@ -21,9 +22,9 @@ def validate(config) -> None:
   spec = data.spec(config.data.name)
   _model(config.model, "model", spec)
   _diffusion(config.diffusion)
-  _optimizer(config.optimizer, "optimizer")
   train = config.train
   _int(train, "num_steps", "train", low=0)
+  _optimizer(config.optimizer, "optimizer", train.num_steps)
   _int(train, "batch_size", "train", low=1)
   _int(train, "log_every", "train", low=1)
   _int(train, "checkpoint_every", "train", low=1)
@@ -34,7 +35,7 @@ def validate(config) -> None:
   _int(c, "batch_size", "classifier", low=1)
   if c.num_steps > 0:
     _model(c.model, "classifier.model", spec)
-    _optimizer(c.optimizer, "classifier.optimizer")
+    _optimizer(c.optimizer, "classifier.optimizer", c.num_steps)
   _sampling(config.sampling, config.diffusion.num_timesteps)
   # Last: the one check that imports JAX (ᾱ_T ≈ 0 for the configured schedule and T).
   from cfg_jax import schedules
@@ -104,13 +105,19 @@ def _diffusion(d):
   _number(d, "p_uncond", "diffusion", low=0, high=1, low_open=True, high_open=True)
 
 
-def _optimizer(o, prefix):
+def _optimizer(o, prefix, num_steps):
   _number(o, "learning_rate", prefix, low=0, low_open=True)
   _int(o, "warmup_steps", prefix, low=0)
   _number(o, "weight_decay", prefix, low=0)
   _number(o, "grad_clip_norm", prefix, low=0, low_open=True)
   for name in ("b1", "b2"):
     _number(o, name, prefix, low=0, high=1, high_open=True)
+  decay = o.get("decay", "constant")
+  if decay not in LR_DECAYS:
+    _fail(f"{prefix}.decay", f"is {decay!r}", f"choose one of {LR_DECAYS}")
+  if decay == "cosine" and 0 < num_steps <= o.warmup_steps:
+    _fail(f"{prefix}.warmup_steps", f"({o.warmup_steps}) leaves no steps to decay over "
+          f"({num_steps} in all)", "lower it, or set decay='constant'")
 
 
 def _sampling(s, num_timesteps):

@@ -19,6 +19,13 @@ from cfg_jax import errors
 MAX_GRID_IMAGES = 100
 
 
+def user_cache_dir() -> str:
+  """Where the project keeps what it can rebuild (the evaluation network, compiled
+  programs): $XDG_CACHE_HOME/cfg_jax, by default ~/.cache/cfg_jax."""
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache, "cfg_jax")
+
+
 def to_uint8(images) -> np.ndarray:
   """[−1, 1] floats → uint8 0..255, as guided-diffusion's sampler writes them.
 

@@ -34,7 +34,7 @@ def get_config():
   config.diffusion = dict(
       schedule="cosine",
       num_timesteps=1000,
-      p_uncond=0.2,  # conditioning dropout of Ho & Salimans
+      p_uncond=0.1,  # conditioning dropout of Ho & Salimans
   )
 
   config.optimizer = dict(
@@ -44,12 +44,15 @@ def get_config():
       grad_clip_norm=1.0,
       b1=0.9,
       b2=0.99,
+      # After warm-up: "constant", or "cosine" to 0 at train.num_steps (so a resumed run
+      # with more steps follows a new curve: to train longer, use a new workdir).
+      decay="cosine",
   )
 
   config.train = dict(
-      num_steps=2000,
+      num_steps=800,
       batch_size=64,
-      ema_decay=0.999,  # sampling and evaluation use the EMA parameters
+      ema_decay=0.995,  # sampling and evaluation use the EMA parameters
       log_every=100,
       checkpoint_every=1000,
       max_checkpoints_to_keep=3,
@@ -71,14 +74,15 @@ def get_config():
           dropout=0.0,
       ),
       optimizer=dict(
-          learning_rate=1e-3,
+          learning_rate=2e-3,
           warmup_steps=100,
           weight_decay=0.05,
           grad_clip_norm=1.0,
           b1=0.9,
           b2=0.999,
+          decay="cosine",
       ),
-      num_steps=600,
+      num_steps=200,
       batch_size=128,
   )
 

@@ -13,6 +13,9 @@ def get_config():
   config.classifier.model.base_channels = 8
   config.classifier.model.num_groups = 4
   config.train.num_steps = 4
+  # A constant rate: tests resume and extend tiny runs, and cosine is fixed by num_steps.
+  config.optimizer.decay = "constant"
+  config.classifier.optimizer.decay = "constant"
   config.train.batch_size = 16
   config.train.log_every = 2
   config.train.checkpoint_every = 2

@@ -25,4 +25,10 @@ def get_config():
   config.classifier.num_steps = 5_000
   config.optimizer.learning_rate = 2e-4
   config.optimizer.warmup_steps = 1_000
+  # The long-run settings digits had before its 2-minute tuning.
+  config.optimizer.decay = "constant"
+  config.classifier.optimizer.decay = "constant"
+  config.classifier.optimizer.learning_rate = 1e-3
+  config.train.ema_decay = 0.999
+  config.diffusion.p_uncond = 0.2
   return config

@@ -155,13 +155,27 @@ def test_trajectory_matches_numpy_reference_step_by_step(method, eta, clip):
 
 
 def test_new_scale_labels_seed_or_eta_never_recompile(monkeypatch):
+  # s = 0 is its own program (no classifier gradient at all); every s ≠ 0 shares one.
   ref.install_trace_counter(monkeypatch, n=1)  # chex.assert_max_traces on the sampler
   kwargs = dict(image_shape=(2,), num_steps=5, null_label=NULL, classifier_fn=ORACLE.logits)
-  for seed, scale, cls_scale, labels, eta in [(0, 2.0, 0.0, [0, 1], 0.0),
+  for seed, scale, cls_scale, labels, eta in [(0, 2.0, 1.0, [0, 1], 0.0),
                                               (1, 3.0, 0.5, [2, 2], 0.5),
                                               (2, -1, 2, [3, 0], 1)]:
     sampling.sample(jax.random.key(seed), ORACLE.eps, SCHEDULE, labels, guidance_scale=scale,
                     classifier_scale=cls_scale, eta=eta, **kwargs)
+
+
+def test_unconditional_and_conditional_scales_share_one_single_pass_program(monkeypatch):
+  ref.install_trace_counter(monkeypatch, n=1)
+  args = (jax.random.key(3), ORACLE.eps, SCHEDULE, [0, 1, 2])
+  kw = dict(image_shape=(2,), num_steps=6, null_label=NULL)
+  uncond, cond = (sampling.sample(*args, guidance_scale=g, **kw) for g in (0.0, 1.0))
+  # Each equals the same scale swept, which runs both passes (a second program).
+  monkeypatch.undo()
+  swept = sampling.sample(*args, guidance_scale=jnp.array([0.0, 1.0]), **kw)
+  np.testing.assert_allclose(uncond, swept[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(cond, swept[1], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(uncond, cond, atol=1e-3)
 
 
 @pytest.mark.parametrize("method", sampling.METHODS)

@@ -49,6 +49,21 @@ def test_batch_size_must_divide_over_devices(tiny_config):
     loop.check_batch_size(12, loop.data_mesh())
 
 
+def test_learning_rate_schedules():
+  constant = loop.learning_rate_schedule(1e-3, 10)
+  cosine = loop.learning_rate_schedule(1e-3, 10, "cosine", num_steps=110)
+  for schedule in (constant, cosine):
+    np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0, 5e-4, 1e-3],
+                               rtol=1e-6)
+  np.testing.assert_allclose(constant(110), 1e-3, rtol=1e-6)
+  # Half way through the decay, cos(π/2): half the peak; at the end, 0.
+  np.testing.assert_allclose([cosine(60), cosine(110)], [5e-4, 0.0], atol=1e-9)
+  with pytest.raises(ValueError, match="num_steps > warmup_steps"):
+    loop.learning_rate_schedule(1e-3, 10, "cosine", num_steps=10)
+  with pytest.raises(ValueError, match="Unknown learning-rate decay"):
+    loop.learning_rate_schedule(1e-3, 10, "linear")
+
+
 def test_ema_update_warmup():
   ema = loop.ema_update({"w": jnp.zeros(())}, {"w": jnp.ones(())}, step=0, decay=0.999)
   assert float(ema["w"]) == pytest.approx(1 - 0.1)  # (1 + 0) / (10 + 0) kept of the old

@@ -24,3 +24,29 @@ def test_adds_flags_and_keeps_the_users(monkeypatch):
 def test_leaves_other_backends_and_a_started_backend_alone(monkeypatch):
   assert _configure(monkeypatch, "--x=1", platforms="cuda") == "--x=1"
   assert _configure(monkeypatch, "--x=1", initialized=True) == "--x=1"
+
+
+CACHE_SCRIPT = """
+import jax
+from cfg_jax import cli
+cli.enable_compilation_cache()
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even this one
+jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()
+print(jax.config.jax_compilation_cache_dir)
+"""
+
+
+def test_compiled_programs_persist_in_the_user_cache(tmp_path):
+  import os
+  import subprocess
+  import sys
+
+  def run(**env):
+    return subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True, text=True,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env}, check=True)
+
+  cache = tmp_path / "cfg_jax" / "jax"
+  assert run(CFG_JAX_COMPILATION_CACHE="0").stdout.strip() == "None"
+  assert not cache.exists()
+  assert run().stdout.strip() == str(cache)
+  assert any(cache.iterdir())  # the program, written for the next run

@@ -63,8 +63,7 @@ class EvalNet:
 
 
 def default_directory(dataset: str) -> str:
-  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(cache, "cfg_jax", "evalnet", dataset)
+  return os.path.join(io.user_cache_dir(), "evalnet", dataset)
 
 
 def load(dataset: str, directory: Optional[str] = None) -> Optional[EvalNet]:

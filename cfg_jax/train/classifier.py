@@ -76,7 +76,7 @@ def train(config, workdir: str, train_split: data.Split, mesh=None):
   schedule = schedules.from_config(config.diffusion)
   state = loop.fit(
       description="classifier", loss_fn=make_loss_fn(graphdef, schedule), params=params,
-      tx=loop.make_optimizer(**c.optimizer), split=train_split, seed=seed,
+      tx=loop.make_optimizer(**c.optimizer, num_steps=c.num_steps), split=train_split, seed=seed,
       batch_size=c.batch_size, num_steps=c.num_steps, workdir=workdir,
       checkpoint_dir=os.path.join(workdir, CHECKPOINT_DIR), config=config,
       state_sections=STATE_SECTIONS, mesh=mesh)

@@ -56,7 +56,7 @@ def train(config, workdir: str, train_split: data.Split, mesh=None):
   state = loop.fit(
       description="diffusion",
       loss_fn=make_loss_fn(graphdef, schedules.from_config(config.diffusion), config),
-      params=params, tx=loop.make_optimizer(**config.optimizer),
+      params=params, tx=loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps),
       ema_decay=config.train.ema_decay, split=train_split, seed=config.seed,
       batch_size=config.train.batch_size, num_steps=config.train.num_steps, workdir=workdir,
       checkpoint_dir=os.path.join(workdir, CHECKPOINT_DIR), config=config,

@@ -91,10 +91,30 @@ def make_train_step(loss_fn: LossFn, tx, ema_decay: Optional[float] = None):
   return train_step
 
 
+LR_DECAYS = ("constant", "cosine")
+
+
+def learning_rate_schedule(learning_rate, warmup_steps, decay="constant", num_steps=None):
+  """Linear warm-up from 0, then constant, or cosine decay to 0 at `num_steps`.
+
+  A short run gains most from the decay: the last steps take small, averaging updates, as
+  an EMA does, but without its lag behind the weights.
+  """
+  warmup_steps = max(int(warmup_steps), 1)
+  if decay == "constant":
+    return optax.linear_schedule(0.0, learning_rate, warmup_steps)
+  if decay == "cosine":
+    if not num_steps or num_steps <= warmup_steps:
+      raise ValueError(f"decay='cosine' needs num_steps > warmup_steps, got {num_steps} and "
+                       f"{warmup_steps}.")
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, num_steps)
+  raise ValueError(f"Unknown learning-rate decay {decay!r}; use one of {LR_DECAYS}.")
+
+
 def make_optimizer(learning_rate, warmup_steps, weight_decay, grad_clip_norm=1.0, b1=0.9,
-                   b2=0.999) -> optax.GradientTransformation:
-  """AdamW after global-norm clipping, with a linear warm-up to a constant rate."""
-  schedule = optax.linear_schedule(0.0, learning_rate, max(int(warmup_steps), 1))
+                   b2=0.999, decay="constant", num_steps=None) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping, on `learning_rate_schedule`."""
+  schedule = learning_rate_schedule(learning_rate, warmup_steps, decay, num_steps)
   return optax.chain(
       optax.clip_by_global_norm(grad_clip_norm),
       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay),
