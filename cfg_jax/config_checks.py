@@ -13,7 +13,8 @@ from cfg_jax import data, errors
 
 SCHEDULES = ("linear", "cosine")  # the names `cfg_jax.schedules.get` knows
 SAMPLING_METHODS = ("ddim", "ddpm")
-LR_DECAYS = ("constant", "cosine")  # `cfg_jax.train.loop.LR_DECAYS`, kept here JAX-free
+LR_DECAYS = ("constant", "cosine")
+COMPUTE_DTYPES = ("float32", "bfloat16")  # `cfg_jax.train.loop.LR_DECAYS`, kept here JAX-free
 
 
 def validate(config) -> None:
@@ -30,6 +31,8 @@ def validate(config) -> None:
   _int(train, "checkpoint_every", "train", low=1)
   _int(train, "max_checkpoints_to_keep", "train", low=1)
   _number(train, "ema_decay", "train", low=0, high=1, high_open=True)
+  if train.get("dtype", "float32") not in COMPUTE_DTYPES:
+    _fail("train.dtype", f"is {train.dtype!r}", f"choose one of {COMPUTE_DTYPES}")
   c = config.classifier
   _int(c, "num_steps", "classifier", low=0)
   _int(c, "batch_size", "classifier", low=1)

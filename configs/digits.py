@@ -53,6 +53,9 @@ def get_config():
       num_steps=800,
       batch_size=64,
       ema_decay=0.995,  # sampling and evaluation use the EMA parameters
+      # Compute dtype of both trainings: "bfloat16" on GPU/TPU (float32 master weights,
+      # float32 losses); float32 on CPU, where bfloat16 does not run faster in XLA.
+      dtype="float32",
       log_every=100,
       checkpoint_every=1000,
       max_checkpoints_to_keep=3,

@@ -37,6 +37,7 @@ CASES = {
                                  "classifier.batch_size"),
     "train negative lr": (TRAIN + ("--config.optimizer.learning_rate=-1.0",),
                           "optimizer.learning_rate"),
+    "train unknown dtype": (TRAIN + ("--config.train.dtype=float16",), "train.dtype"),
     "train unknown lr decay": (TRAIN + ("--config.optimizer.decay=linear",), "optimizer.decay"),
     "train cosine, no steps left": (TRAIN + ("--config.optimizer.decay=cosine",
                                              "--config.optimizer.warmup_steps=100000"),

@@ -4,8 +4,10 @@ import numpy as np
 import ml_collections
 from flax import nnx
 
-from cfg_jax import models
+from cfg_jax import models, schedules
 from cfg_jax.models import unet
+from cfg_jax.train import diffusion as diffusion_training
+from configs import digits_tiny
 
 CONFIG = ml_collections.ConfigDict(dict(
     image_shape=(8, 8, 1), num_classes=10, base_channels=8, channel_mult=(1, 2),
@@ -83,3 +85,37 @@ def test_group_norm_matches_flax_group_norm_with_scale_shift():
   np.testing.assert_allclose(unet.group_norm(norm, x, scale, shift),
                              norm(x) * (1 + scale[:, None, None]) + shift[:, None, None],
                              atol=5e-5)
+
+
+def test_bfloat16_compute_keeps_float32_weights_and_matches_float32():
+  config = digits_tiny.get_config()
+  graphdef, params = diffusion_training.create_unet(config, 0)
+  # Non-zero output convs, so the outputs depend on every layer.
+  params = jax.tree_util.tree_map(lambda p: p + 0.05 * jnp.cos(jnp.arange(p.size)).reshape(
+      p.shape), params)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32)
+  t, y = jnp.array([0, 300, 600, 999]), jnp.array([0, 3, 9, 10])
+  full = models.apply(graphdef, params, x, t, y)
+  half = models.apply_in_dtype(graphdef, params, x, t, y, dtype="bfloat16")
+  assert half.dtype == jnp.float32
+  np.testing.assert_allclose(half, full, atol=0.05 * float(jnp.max(jnp.abs(full))))
+  assert not np.array_equal(half, full)  # it did compute in bfloat16
+  # Every convolution runs in bfloat16: nothing promotes the network back to float32.
+  jaxpr = str(jax.make_jaxpr(lambda p: models.apply_in_dtype(
+      graphdef, p, x, t, y, dtype="bfloat16"))(params))
+  convs = [line for line in jaxpr.splitlines() if "conv_general_dilated" in line]
+  assert convs and all("bf16" in line and "f32[" not in line.split("=")[0] for line in convs)
+  # The loss's gradient reaches the float32 master weights as float32.
+  loss_fn = diffusion_training.make_loss_fn(
+      graphdef, schedules.from_config(config.diffusion),
+      _with_dtype(config, "bfloat16"))
+  batch = {"image": x, "label": jnp.array([0, 1, 2, 3])}
+  grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0))[0])(params)
+  assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
+
+
+def _with_dtype(config, dtype):
+  config = config.copy_and_resolve_references()
+  config.train.dtype = dtype
+  return config

@@ -10,6 +10,7 @@ traced (a new checkpoint never recompiles the sampler).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -57,6 +58,22 @@ def abstract(model_cls, *args):
 def apply(graphdef, params, *inputs, **kwargs):
   """Runs the model `(graphdef, params)` as a pure function of its parameters."""
   return nnx.merge(graphdef, params)(*inputs, **kwargs)
+
+
+def cast_floats(tree, dtype):
+  """Every floating-point leaf of `tree` in `dtype`; integer leaves (t, y) as they are."""
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def apply_in_dtype(graphdef, params, *inputs, dtype, **kwargs):
+  """`apply` computing in `dtype` (e.g. bfloat16) from float32 `params`, the master weights
+  that the optimizer updates (gradients pass back through the cast); float outputs return
+  as float32. With dtype float32 it is `apply`."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return apply(graphdef, params, *inputs, **kwargs)
+  out = apply(graphdef, cast_floats(params, dtype), *cast_floats(inputs, dtype), **kwargs)
+  return cast_floats(out, jnp.float32)
 
 
 def count_params(params) -> int:

@@ -48,7 +48,7 @@ def group_norm(norm: nnx.GroupNorm, x, scale=None, shift=None):
   """
   b, h, w, c = x.shape
   groups = norm.num_groups
-  flat = x.reshape(b, h * w, c)
+  flat = x.reshape(b, h * w, c).astype(jnp.float32)  # statistics in float32, even from bf16
   channel_mean = jnp.mean(flat, axis=1)
   channel_sq = jnp.mean(jnp.square(flat), axis=1)
   mean = jnp.mean(channel_mean.reshape(b, groups, c // groups), axis=-1)
@@ -58,6 +58,7 @@ def group_norm(norm: nnx.GroupNorm, x, scale=None, shift=None):
   offset = norm.bias[...] - jnp.repeat(mean, c // groups, axis=-1) * a
   if scale is not None:
     a, offset = a * (1 + scale), offset * (1 + scale) + shift
+  a, offset = a.astype(x.dtype), offset.astype(x.dtype)
   return x * a[:, None, None, :] + offset[:, None, None, :]
 
 
@@ -190,7 +191,9 @@ class _TimeEmbedding(nnx.Module):
     self.fc2 = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
 
   def __call__(self, t):
-    return self.fc2(nnx.silu(self.fc1(timestep_embedding(t, self.channels))))
+    # In the weights' dtype: float32 features would promote a bfloat16 model to float32.
+    features = timestep_embedding(t, self.channels).astype(self.fc1.kernel[...].dtype)
+    return self.fc2(nnx.silu(self.fc1(features)))
 
 
 class UNet(nnx.Module):

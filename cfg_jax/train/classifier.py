@@ -31,15 +31,17 @@ def create_classifier(config, seed: int):
                        models.model_config(config, config.classifier.model), seed=seed)
 
 
-def make_loss_fn(graphdef, schedule: schedules.Schedule) -> loop.LossFn:
-  """`loss_fn(params, batch, key)`: cross-entropy on noised images, with accuracies."""
+def make_loss_fn(graphdef, schedule: schedules.Schedule, dtype="float32") -> loop.LossFn:
+  """`loss_fn(params, batch, key)`: cross-entropy on noised images, with accuracies; the
+  network computes in `dtype` (float32 weights either way)."""
 
   def loss_fn(params, batch, key):
     t_key, noise_key, dropout_key = jax.random.split(key, 3)
     x0, labels = batch["image"], batch["label"]
     t = jax.random.randint(t_key, labels.shape, 0, schedule.num_timesteps)
     x_t = diffusion.q_sample(schedule, x0, t, jax.random.normal(noise_key, x0.shape))
-    logits = models.apply(graphdef, params, x_t, t, dropout_key=dropout_key)
+    logits = models.apply_in_dtype(graphdef, params, x_t, t, dtype=dtype,
+                                   dropout_key=dropout_key)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     correct = jnp.argmax(logits, -1) == labels
     metrics = {"accuracy": jnp.mean(correct)}
@@ -74,8 +76,9 @@ def train(config, workdir: str, train_split: data.Split, mesh=None):
   seed = config.seed + 1  # its own seed: not the diffusion model's batches or keys
   graphdef, params = create_classifier(config, loop.rng_streams(seed).init)
   schedule = schedules.from_config(config.diffusion)
+  loss_fn = make_loss_fn(graphdef, schedule, config.train.get("dtype", "float32"))
   state = loop.fit(
-      description="classifier", loss_fn=make_loss_fn(graphdef, schedule), params=params,
+      description="classifier", loss_fn=loss_fn, params=params,
       tx=loop.make_optimizer(**c.optimizer, num_steps=c.num_steps), split=train_split, seed=seed,
       batch_size=c.batch_size, num_steps=c.num_steps, workdir=workdir,
       checkpoint_dir=os.path.join(workdir, CHECKPOINT_DIR), config=config,

@@ -27,14 +27,17 @@ def create_unet(config, seed):
 
 
 def make_loss_fn(graphdef, schedule: schedules.Schedule, config) -> loop.LossFn:
-  """`loss_fn(params, batch, key)`: the CFG ε-MSE of the UNet, with dropout."""
+  """`loss_fn(params, batch, key)`: the CFG ε-MSE of the UNet, with dropout, computed in
+  `config.train.dtype` (float32 weights either way)."""
   null_label = data.spec(config.data.name).num_classes
+  compute_dtype = config.train.get("dtype", "float32")
 
   def loss_fn(params, batch, key):
     loss_key, dropout_key = jax.random.split(key)
 
     def eps_apply(params, x_t, t, y):
-      return models.apply(graphdef, params, x_t, t, y, dropout_key=dropout_key)
+      return models.apply_in_dtype(graphdef, params, x_t, t, y, dtype=compute_dtype,
+                                   dropout_key=dropout_key)
 
     loss, _ = diffusion.cfg_loss(params, eps_apply, schedule, batch["image"], batch["label"],
                                  loss_key, p_uncond=config.diffusion.p_uncond,
