@@ -126,9 +126,25 @@ def _classifier_gradient_in_cond(classifier_fn, x_t, t, y, scale):
                       jnp.zeros_like, x_t)
 
 
+def compiled_sampler_text(*args, **kwargs) -> str:
+  """The optimised HLO of the program that `sampling.sample(*args, **kwargs)` runs."""
+  real, captured = sampling._sample_jit, {}
+
+  def spy(*a, **k):
+    captured["text"] = real.lower(*a, **k).compile().as_text()
+    return real(*a, **k)
+
+  sampling._sample_jit = spy
+  try:
+    sampling.sample(*args, **kwargs)
+  finally:
+    sampling._sample_jit = real
+  return captured["text"]
+
+
 def part_hlo(config, graphdef, params):
   schedule = schedules.from_config(config.diffusion)
-  tx = loop.make_optimizer(**config.optimizer)
+  tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
   state = _fresh_state(params, tx)
   step = jax.jit(diffusion_training.make_train_step(graphdef, tx, schedule, config),
                  donate_argnums=0)
@@ -143,15 +159,11 @@ def part_hlo(config, graphdef, params):
   cls_graphdef, cls_params = classifier_training.create_classifier(config, 0)
   cls_fn = Partial(models.apply, cls_graphdef, cls_params)
   labels = jnp.arange(_BATCH.value) % 10
-  for name, kw in (("CFG γ=3", dict(guidance_scale=3.0, null_label=10)),
-                   ("classifier on γ=0", dict(guidance_scale=0.0, null_label=10,
-                                              classifier_fn=cls_fn, classifier_scale=1.0))):
-    kw.setdefault("classifier_fn", None)
-    text = sampling._sample_jit.lower(
-        jax.random.key(0), eps_fn, kw["classifier_fn"], schedule, labels, None,
-        jnp.float32(kw["guidance_scale"]), jnp.float32(kw.get("classifier_scale", 0.0)),
-        jnp.float32(0.0), image_shape=(8, 8, 1), method="ddim", num_steps=50,
-        clip_denoised=True, null_label=kw["null_label"]).compile().as_text()
+  for name, kw in (("CFG γ=3", dict(guidance_scale=3.0)),
+                   ("classifier on γ=0", dict(guidance_scale=0.0, classifier_fn=cls_fn,
+                                              classifier_scale=1.0))):
+    text = compiled_sampler_text(jax.random.key(0), eps_fn, schedule, labels,
+                                 image_shape=(8, 8, 1), num_steps=50, null_label=10, **kw)
     print(f"hlo: sampler {name}: {bare_convs(text)} bare convolution(s)")
 
 
@@ -177,7 +189,7 @@ def part_sampler(config, graphdef, params):
   for u in (int(v) for v in _UNROLLS.value):
     rows[f"CFG both passes, unroll={u}"] = variant(unroll=u)
   rows["one pass (unguided / γ=1)"] = variant(passes="cond")
-  rows["γ=0 classifier: both passes + lax.cond (today)"] = variant(classifier_fn=cls_fn)
+  rows["γ=0 classifier: both passes + lax.cond"] = variant(classifier_fn=cls_fn)
   rows["γ=0 classifier: both passes, no cond"] = variant(classifier_fn=cls_fn, use_cond=False)
   rows["γ=0 classifier: uncond pass + lax.cond"] = variant(classifier_fn=cls_fn,
                                                           passes="uncond")
@@ -191,7 +203,7 @@ def part_sampler(config, graphdef, params):
 
 def part_train(config, graphdef, params):
   schedule = schedules.from_config(config.diffusion)
-  tx = loop.make_optimizer(**config.optimizer)
+  tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
   step = diffusion_training.make_train_step(graphdef, tx, schedule, config)
   b = config.train.batch_size
   total = 48  # steps per timed block, a multiple of every K
@@ -241,7 +253,7 @@ def part_train(config, graphdef, params):
 def part_parts(config, graphdef, params):
   """Forward, forward+backward and update alone, at the training batch."""
   schedule = schedules.from_config(config.diffusion)
-  tx = loop.make_optimizer(**config.optimizer)
+  tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
   b = config.train.batch_size
   x = jax.random.normal(jax.random.key(0), (b, 8, 8, 1))
   t = jnp.arange(b, dtype=jnp.int32) * 15
@@ -301,8 +313,8 @@ def _train_inputs(config):
   b = config.train.batch_size
   batch = {"image": jax.random.normal(jax.random.key(0), (b, 8, 8, 1)),
            "label": jnp.arange(b, dtype=jnp.int32) % 10}
-  return (schedules.from_config(config.diffusion), loop.make_optimizer(**config.optimizer), b,
-          batch, jax.random.key(1))
+  tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
+  return schedules.from_config(config.diffusion), tx, b, batch, jax.random.key(1)
 
 
 def _reference_group_norm(norm, x, scale=None, shift=None):
@@ -386,7 +398,7 @@ def part_steps(config, graphdef, params):
 def part_flops(config, graphdef, params):
   """FLOPs of one train step and one CFG sampler step, by XLA's cost analysis."""
   schedule = schedules.from_config(config.diffusion)
-  tx = loop.make_optimizer(**config.optimizer)
+  tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
   b = config.train.batch_size
   batch = {"image": jnp.zeros((b, 8, 8, 1)), "label": jnp.zeros((b,), jnp.int32)}
   step = jax.jit(diffusion_training.make_train_step(graphdef, tx, schedule, config))

@@ -41,7 +41,7 @@ def main(argv):
   mesh = loop.data_mesh()
   split = data.load_split(config.data.name, "train")
   graphdef, params = diffusion_training.create_unet(config, config.seed)
-  tx = loop.make_optimizer(**config.optimizer)
+  tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
   step = loop.jit_data_parallel(
       diffusion_training.make_train_step(graphdef, tx, schedules.from_config(config.diffusion),
                                          config), mesh)

@@ -87,7 +87,7 @@ def bench_training(config, jax_params, twin, rounds, steps):
   spec = data.spec(config.data.name)
   mesh = loop.data_mesh()
   graphdef, _ = diffusion_training.create_unet(config, 0)
-  tx = loop.make_optimizer(**config.optimizer)
+  tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
   state = loop.replicate(loop.init_state(jax_params, tx, with_ema=True), mesh)
   step = loop.jit_data_parallel(
       diffusion_training.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config),

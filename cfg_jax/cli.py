@@ -102,7 +102,6 @@ def enable_compilation_cache() -> None:
       jax.config.jax_compilation_cache_dir:
     return
   jax.config.update("jax_compilation_cache_dir", os.path.join(io.user_cache_dir(), "jax"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def start(argv):

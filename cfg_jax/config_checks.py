@@ -13,8 +13,8 @@ from cfg_jax import data, errors
 
 SCHEDULES = ("linear", "cosine")  # the names `cfg_jax.schedules.get` knows
 SAMPLING_METHODS = ("ddim", "ddpm")
-LR_DECAYS = ("constant", "cosine")
-COMPUTE_DTYPES = ("float32", "bfloat16")  # `cfg_jax.train.loop.LR_DECAYS`, kept here JAX-free
+LR_DECAYS = ("constant", "cosine")  # `cfg_jax.train.loop.LR_DECAYS`, kept here JAX-free
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def validate(config) -> None:
@@ -118,7 +118,7 @@ def _optimizer(o, prefix, num_steps):
   decay = o.get("decay", "constant")
   if decay not in LR_DECAYS:
     _fail(f"{prefix}.decay", f"is {decay!r}", f"choose one of {LR_DECAYS}")
-  if decay == "cosine" and 0 < num_steps <= o.warmup_steps:
+  if decay == "cosine" and 0 < num_steps <= max(o.warmup_steps, 1):
     _fail(f"{prefix}.warmup_steps", f"({o.warmup_steps}) leaves no steps to decay over "
           f"({num_steps} in all)", "lower it, or set decay='constant'")
 

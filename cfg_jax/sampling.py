@@ -140,7 +140,8 @@ def sample(
       `guidance_scale`; its scale may be a 1-D array of G scales too.
     null_label: the label id that means "unconditional" (num_classes for our models).
     classifier_fn: `classifier_fn(x_t, t) -> logits` of a noisy classifier p_φ(y | x_t).
-    classifier_scale: s, the classifier-guidance scale (0 computes no gradient).
+    classifier_scale: s, the classifier-guidance scale (a concrete 0 computes no gradient and
+      compiles without the classifier; a traced one always computes it).
 
   Returns:
     (B, *image_shape) samples, or (G, B, *image_shape) for G scales (the same x_T for each).
@@ -199,6 +200,8 @@ def guided_eps(rule, passes, eps_fn, ctx: guidance_lib.StepContext, labels, null
   """(ε̂, ε̂_renoise, state) of the rule, from both passes ("both") or the main and the weak
   model ("main+weak")."""
   x_t, t = ctx.x_t, ctx.t
+  if passes not in ("both", "main+weak"):
+    raise ValueError(f"guided_eps runs 'both' or 'main+weak' passes, not {passes!r}.")
   if passes == "main+weak":  # autoguidance: two models, both conditional
     main = _call(eps_fn, x_t, t, labels)
     weak = _call(rule.weak_eps_fn, x_t, t, labels)

@@ -7,6 +7,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The entry points the tests start keep no compiled programs in the user's cache.
+os.environ["CFG_JAX_COMPILATION_CACHE"] = "0"
 
 import tempfile
 

@@ -11,6 +11,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
+import optax
+
+from cfg_jax import data
+from cfg_jax.train import loop
 from tests.helpers import REPO
 
 SCRIPT = """
@@ -36,3 +42,24 @@ def test_many_quick_steps_over_two_cpu_devices_finish(tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "steps 1000" in result.stdout
+
+
+def test_several_cpu_devices_run_one_step_at_a_time(monkeypatch, tmp_path):
+  assert jax.device_count() == 8  # tests/conftest.py
+  assert loop._collectives_can_starve(loop.data_mesh())
+  assert not loop._collectives_can_starve(loop.data_mesh(jax.devices()[:1]))
+  waits = []
+  real_wait = jax.block_until_ready
+  monkeypatch.setattr(jax, "block_until_ready", lambda x: waits.append(1) or real_wait(x))
+  rng = np.random.default_rng(0)
+  split = data.Split(images=rng.normal(size=(64, 2, 2, 1)).astype(np.float32),
+                     labels=np.zeros(64, np.int32))
+
+  def loss_fn(params, batch, key):
+    loss = jax.numpy.mean((batch["image"].sum((1, 2, 3)) * params["w"] - 1.0) ** 2)
+    return loss, {}
+
+  loop.fit(description="quick", loss_fn=loss_fn, params={"w": jax.numpy.ones(())},
+           tx=optax.sgd(0.1), split=split, seed=0, batch_size=16, num_steps=5,
+           workdir=str(tmp_path), log_every=5)
+  assert len(waits) == 5  # before every step's dispatch

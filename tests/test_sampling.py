@@ -200,6 +200,11 @@ def test_zero_classifier_scale_equals_no_classifier():
   plain = sampling.sample(*args, **kw)
   zero = sampling.sample(*args, classifier_fn=ORACLE.logits, classifier_scale=0.0, **kw)
   np.testing.assert_allclose(plain, zero, rtol=1e-6, atol=1e-6)
+  # A traced 0 computes the gradient (there is no lax.cond) and scales it to nothing.
+  traced = jax.jit(lambda s: sampling.sample(*args, classifier_fn=ORACLE.logits,
+                                             classifier_scale=s, **kw))
+  np.testing.assert_allclose(plain, traced(0.0), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(plain, traced(2.0), atol=1e-3)
 
 
 @pytest.mark.parametrize(

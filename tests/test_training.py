@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfg_jax import data, schedules
+from cfg_jax import checkpoints, data, schedules
+from cfg_jax.train import classifier as classifier_training
 from cfg_jax.train import diffusion as diffusion_training
 from cfg_jax.train import loop
 
@@ -62,6 +63,24 @@ def test_learning_rate_schedules():
     loop.learning_rate_schedule(1e-3, 10, "cosine", num_steps=10)
   with pytest.raises(ValueError, match="Unknown learning-rate decay"):
     loop.learning_rate_schedule(1e-3, 10, "linear")
+
+
+def test_cosine_runs_resume_only_with_the_same_schedule():
+  from configs import digits
+
+  config = digits.get_config()
+  assert config.optimizer.decay == "cosine"
+  saved = config.to_dict()
+  longer = digits.get_config()
+  longer.train.num_steps *= 2
+  sections = diffusion_training.state_sections(longer)
+  assert {"optimizer", "train.num_steps"} <= set(sections)
+  with pytest.raises(checkpoints.CheckpointError, match="train.num_steps: saved 800, now 1600"):
+    checkpoints.check_compatible(saved, longer.to_dict(), sections)
+  constant = digits.get_config()
+  constant.optimizer.decay = constant.classifier.optimizer.decay = "constant"
+  assert diffusion_training.state_sections(constant) == diffusion_training.STATE_SECTIONS
+  assert "classifier.num_steps" in classifier_training.state_sections(config)
 
 
 def test_ema_update_warmup():

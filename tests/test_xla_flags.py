@@ -29,10 +29,13 @@ def test_leaves_other_backends_and_a_started_backend_alone(monkeypatch):
 CACHE_SCRIPT = """
 import jax
 from cfg_jax import cli
+events = []
+jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
 cli.enable_compilation_cache()
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even this one
 jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()
 print(jax.config.jax_compilation_cache_dir)
+print("cache_hit" if "/jax/compilation_cache/cache_hits" in events else "compiled")
 """
 
 
@@ -41,12 +44,16 @@ def test_compiled_programs_persist_in_the_user_cache(tmp_path):
   import subprocess
   import sys
 
-  def run(**env):
-    return subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True, text=True,
-                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env}, check=True)
+  def run(switch):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "CFG_JAX_COMPILATION_CACHE": switch}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    result = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True,
+                            text=True, env=env, check=True)
+    return result.stdout.split()
 
   cache = tmp_path / "cfg_jax" / "jax"
-  assert run(CFG_JAX_COMPILATION_CACHE="0").stdout.strip() == "None"
+  assert run("0") == ["None", "compiled"]
   assert not cache.exists()
-  assert run().stdout.strip() == str(cache)
-  assert any(cache.iterdir())  # the program, written for the next run
+  assert run("1") == [str(cache), "compiled"]
+  assert any(cache.iterdir())
+  assert run("1") == [str(cache), "cache_hit"]  # the next run reads it back

@@ -2,7 +2,8 @@
 
 All scales use the same seed (so the same x_T) and the same balanced labels. The scales of
 the guidance rule are sampled together, as one compiled call per batch (a 1-D array of
-scales); classifier-guidance scales reuse one compiled sampler, since scales are traced.
+scales); classifier-guidance scales s ≠ 0 reuse one compiled sampler, since scales are traced
+(s = 0 compiles without the classifier).
 Sampling spans every device of every process.
 """
 

@@ -61,9 +61,13 @@ def apply(graphdef, params, *inputs, **kwargs):
 
 
 def cast_floats(tree, dtype):
-  """Every floating-point leaf of `tree` in `dtype`; integer leaves (t, y) as they are."""
-  return jax.tree_util.tree_map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  """Every floating-point array of `tree` in `dtype`; integer arrays (t, y), keys and Python
+  scalars as they are."""
+  def cast(x):
+    floating = hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+    return x.astype(dtype) if floating else x
+
+  return jax.tree_util.tree_map(cast, tree)
 
 
 def apply_in_dtype(graphdef, params, *inputs, dtype, **kwargs):

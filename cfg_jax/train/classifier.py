@@ -25,6 +25,12 @@ STATE_SECTIONS = ("data.name", "diffusion", "classifier.model", "seed", "classif
 CHECKPOINT_DIR = "classifier"
 
 
+def state_sections(config) -> tuple:
+  """STATE_SECTIONS, and with a cosine decay the classifier's optimizer and step count."""
+  return STATE_SECTIONS + loop.schedule_sections(config.classifier.optimizer,
+                                                 "classifier.optimizer", "classifier.num_steps")
+
+
 def create_classifier(config, seed: int):
   """(graphdef, params) of a freshly initialised noisy classifier for `config`."""
   return models.create(unet.NoisyClassifier,
@@ -82,7 +88,7 @@ def train(config, workdir: str, train_split: data.Split, mesh=None):
       tx=loop.make_optimizer(**c.optimizer, num_steps=c.num_steps), split=train_split, seed=seed,
       batch_size=c.batch_size, num_steps=c.num_steps, workdir=workdir,
       checkpoint_dir=os.path.join(workdir, CHECKPOINT_DIR), config=config,
-      state_sections=STATE_SECTIONS, mesh=mesh)
+      state_sections=state_sections(config), mesh=mesh)
   classifier_fn = Partial(models.apply, graphdef, state.params)
   test = data.load_split(config.data.name, "test", config.data.data_dir or None)
   quarters = accuracy_by_noise_quarter(classifier_fn, schedule, test)

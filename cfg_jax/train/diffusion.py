@@ -20,6 +20,12 @@ STATE_SECTIONS = ("data.name", "model", "diffusion", "seed", "train.batch_size")
 CHECKPOINT_DIR = "checkpoints"
 
 
+def state_sections(config) -> tuple:
+  """STATE_SECTIONS, and with a cosine decay the optimizer and `train.num_steps`."""
+  return STATE_SECTIONS + loop.schedule_sections(config.optimizer, "optimizer",
+                                                 "train.num_steps")
+
+
 def create_unet(config, seed):
   """(graphdef, params) of a freshly initialised UNet for `config`; `seed` is an int or a
   key (training uses `loop.rng_streams(config.seed).init`)."""
@@ -63,5 +69,6 @@ def train(config, workdir: str, train_split: data.Split, mesh=None):
       ema_decay=config.train.ema_decay, split=train_split, seed=config.seed,
       batch_size=config.train.batch_size, num_steps=config.train.num_steps, workdir=workdir,
       checkpoint_dir=os.path.join(workdir, CHECKPOINT_DIR), config=config,
-      state_sections=STATE_SECTIONS, keep_steps=config.train.get("keep_steps", ()), mesh=mesh)
+      state_sections=state_sections(config), keep_steps=config.train.get("keep_steps", ()),
+      mesh=mesh)
   return graphdef, state

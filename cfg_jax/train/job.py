@@ -39,8 +39,8 @@ def train_and_evaluate(config, workdir: str) -> None:
   started = time.perf_counter()
   config_checks.validate(config)
   for directory, sections in (
-      (diffusion_training.CHECKPOINT_DIR, diffusion_training.STATE_SECTIONS),
-      (classifier_training.CHECKPOINT_DIR, classifier_training.STATE_SECTIONS)):
+      (diffusion_training.CHECKPOINT_DIR, diffusion_training.state_sections(config)),
+      (classifier_training.CHECKPOINT_DIR, classifier_training.state_sections(config))):
     checkpoints.check_resumable(os.path.join(workdir, directory), config.to_dict(), sections)
   if not distributed.is_main():  # the processes of one job share the workdir: 0 holds the lock
     return _train_and_evaluate(config, workdir, started)

@@ -101,14 +101,22 @@ def learning_rate_schedule(learning_rate, warmup_steps, decay="constant", num_st
   an EMA does, but without its lag behind the weights.
   """
   warmup_steps = max(int(warmup_steps), 1)
-  if decay == "constant":
+  if decay == "constant" or num_steps == 0:  # (no step runs at all in the second case)
     return optax.linear_schedule(0.0, learning_rate, warmup_steps)
   if decay == "cosine":
-    if not num_steps or num_steps <= warmup_steps:
+    if num_steps is None or num_steps <= warmup_steps:
       raise ValueError(f"decay='cosine' needs num_steps > warmup_steps, got {num_steps} and "
                        f"{warmup_steps}.")
     return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, num_steps)
   raise ValueError(f"Unknown learning-rate decay {decay!r}; use one of {LR_DECAYS}.")
+
+
+def schedule_sections(optimizer, optimizer_key: str, num_steps_key: str) -> tuple:
+  """The config entries a resumed run must keep for its learning rate to follow the same
+  curve: none for a constant rate; the optimizer and the step count for a cosine decay."""
+  if optimizer.get("decay", "constant") == "constant":
+    return ()
+  return (optimizer_key, num_steps_key)
 
 
 def make_optimizer(learning_rate, warmup_steps, weight_decay, grad_clip_norm=1.0, b1=0.9,
