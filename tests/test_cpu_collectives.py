@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import optax
+import pytest
 
 from cfg_jax import data
 from cfg_jax.train import loop
@@ -35,6 +36,7 @@ print("steps", int(state.step))
 """
 
 
+@pytest.mark.slow
 def test_many_quick_steps_over_two_cpu_devices_finish(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
