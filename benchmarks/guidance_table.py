@@ -13,7 +13,6 @@ two timed runs). Every row: --num_samples balanced labels, seed 0, the evaluatio
 
 import json
 import os
-import re
 import sys
 import time
 
@@ -31,16 +30,16 @@ _BATCH = flags.DEFINE_integer("batch_size", 250, "Images per scale in a compiled
 _WEAK_STEP = flags.DEFINE_integer("weak_step", 500, "Autoguidance: the weak checkpoint.")
 _SOLVER_SCALE = flags.DEFINE_float("solver_scale", 1.25, "CFG γ of the solver rows.")
 
-# (name, rule keywords of generate.guidance_rule, scales); DDIM 50 steps, leading spacing.
+# (folder, name, rule keywords of generate.guidance_rule, scales); DDIM 50 steps.
 RULES = (
-    ("CFG", {"guidance": "cfg"}, (1.0, 1.25, 1.5, 2.0, 3.0)),
+    ("cfg", "CFG", {"guidance": "cfg"}, (1.0, 1.25, 1.5, 2.0, 3.0)),
     # The interval of Kynkäänniemi et al. 2024 for EDM2 (σ in (0.28, 5.42]).
-    ("CFG, interval (0.28, 5.42]", {"guidance": "cfg", "interval": "0.28,5.42"},
+    ("cfg_interval", "CFG, interval (0.28, 5.42]", {"guidance": "cfg", "interval": "0.28,5.42"},
      (1.5, 2.0, 3.0)),
-    ("CFG, rescale φ = 0.7", {"guidance": "cfg", "rescale": 0.7}, (1.5, 3.0)),
-    ("APG (η = 0, β = −0.5)", {"guidance": "apg", "apg_momentum": -0.5}, (2.0, 3.0, 5.0)),
-    ("CFG++", {"guidance": "cfgpp"}, (0.2, 0.4, 0.6)),
-    ("autoguidance", {"guidance": "autoguidance"}, (1.5, 2.0, 3.0)),
+    ("cfg_rescale", "CFG, rescale φ = 0.7", {"guidance": "cfg", "rescale": 0.7}, (1.5, 3.0)),
+    ("apg", "APG (η = 0, β = −0.5)", {"guidance": "apg", "apg_momentum": -0.5}, (2.0, 3.0, 5.0)),
+    ("cfgpp", "CFG++", {"guidance": "cfgpp"}, (0.2, 0.4, 0.6)),
+    ("autoguidance", "autoguidance", {"guidance": "autoguidance"}, (1.5, 2.0, 3.0)),
 )
 SOLVERS = (("ddim", 50, "leading"), ("dpmpp_2m", 10, "trailing"),
            ("dpmpp_2m", 15, "trailing"), ("dpmpp_2m", 20, "trailing"))
@@ -51,13 +50,13 @@ def rule_rows(workdir, out_dir):
   from cfg_jax.evaluation import sweep
 
   rows = []
-  for name, rule, scales in RULES:
+  for folder, name, rule, scales in RULES:
     rule = dict(rule)
     if rule["guidance"] == "autoguidance":
       rule["weak_step"] = _WEAK_STEP.value
     found = sweep.run_sweep(workdir=workdir, guidance_scales=scales, rule=rule,
                             num_samples=_NUM.value, batch_size=_BATCH.value, overwrite=True,
-                            out_dir=os.path.join(out_dir, re.sub(r"\W+", "_", name.lower())))
+                            out_dir=os.path.join(out_dir, folder))
     rows += [{**row, "guidance": name} for row in found]
   return rows
 
