@@ -317,6 +317,33 @@ def _train_inputs(config):
   return schedules.from_config(config.diffusion), tx, b, batch, jax.random.key(1)
 
 
+def _cfg_samplers(eps_fn, schedule, key, suffix=""):
+  """{"CFG sampler b=N" + suffix: (fn, steps per call)}: γ = 3 DDIM loops at batch 256 and
+  16, each compiled (and so traced with the current unet.group_norm) before it returns."""
+  fns = {}
+  for sb in (256, 16):
+    labels = jnp.arange(sb) % 10
+    x = jax.random.normal(key, (sb, 8, 8, 1))
+    sample = jax.jit(lambda x, g, labels=labels: ddim_loop(
+        eps_fn, None, schedule, labels, x, num_steps=_STEPS.value, guidance_scale=g,
+        null_label=10, passes="both", classifier_scale=0.0, use_cond=True, unroll=1))
+    fn = (lambda sample=sample, x=x: sample(x, 3.0))
+    jax.block_until_ready(fn())
+    fns[f"CFG sampler b={sb}{suffix}"] = (fn, _STEPS.value)
+  return fns
+
+
+def _best_ms_per_step(fns):
+  """{name: best ms per step} over --rounds interleaved rounds of {name: (fn, steps)}."""
+  best = {k: float("inf") for k in fns}
+  for _ in range(_ROUNDS.value):
+    for k, (fn, per) in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      best[k] = min(best[k], (time.perf_counter() - start) / per * 1e3)
+  return best
+
+
 def _reference_group_norm(norm, x, scale=None, shift=None):
   """nnx.GroupNorm then the scale-shift, as the UNet computed them before."""
   h = norm(x)
@@ -341,23 +368,10 @@ def part_gn(config, graphdef, params):
 
     jax.block_until_ready(train())
     fns[f"train b={b}, {name}"] = (train, 20)
-    eps_fn = Partial(models.apply, graphdef, params)
-    for sb in (256, 16):
-      labels = jnp.arange(sb) % 10
-      x = jax.random.normal(key, (sb, 8, 8, 1))
-      sample = jax.jit(lambda x, g, labels=labels: ddim_loop(
-          eps_fn, None, schedule, labels, x, num_steps=_STEPS.value, guidance_scale=g,
-          null_label=10, passes="both", classifier_scale=0.0, use_cond=True, unroll=1))
-      fn = (lambda sample=sample, x=x: sample(x, 3.0))
-      jax.block_until_ready(fn())
-      fns[f"CFG sampler b={sb}, {name}"] = (fn, _STEPS.value)
+    fns.update(_cfg_samplers(Partial(models.apply, graphdef, params), schedule, key,
+                             suffix=f", {name}"))
   unet.group_norm = fast
-  best = {k: float("inf") for k in fns}
-  for _ in range(_ROUNDS.value):
-    for k, (fn, per) in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      best[k] = min(best[k], (time.perf_counter() - start) / per * 1e3)
+  best = _best_ms_per_step(fns)
   print(f"GroupNorm A/B (ms per step, best of {_ROUNDS.value}, interleaved):")
   for k in sorted(best):
     print(f"  {k:40s} {best[k]:7.2f}")
@@ -375,23 +389,10 @@ def part_steps(config, graphdef, params):
       holder["s"], m = step(holder["s"], batch, key)
     return m
 
+  jax.block_until_ready(train())
   fns = {f"train b={b}": (train, 20)}
-  eps_fn = Partial(models.apply, graphdef, params)
-  for sb in (256, 16):
-    labels = jnp.arange(sb) % 10
-    x = jax.random.normal(key, (sb, 8, 8, 1))
-    sample = jax.jit(lambda x, g, labels=labels: ddim_loop(
-        eps_fn, None, schedule, labels, x, num_steps=_STEPS.value, guidance_scale=g,
-        null_label=10, passes="both", classifier_scale=0.0, use_cond=True, unroll=1))
-    fns[f"CFG sampler b={sb}"] = (lambda sample=sample, x=x: sample(x, 3.0), _STEPS.value)
-  for fn, _ in fns.values():
-    jax.block_until_ready(fn())
-  best = {k: float("inf") for k in fns}
-  for _ in range(_ROUNDS.value):
-    for k, (fn, per) in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      best[k] = min(best[k], (time.perf_counter() - start) / per * 1e3)
+  fns.update(_cfg_samplers(Partial(models.apply, graphdef, params), schedule, key))
+  best = _best_ms_per_step(fns)
   print("steps: " + " | ".join(f"{k} {v:.2f} ms" for k, v in best.items()))
 
 
