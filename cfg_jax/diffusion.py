@@ -25,13 +25,9 @@ def per_example(values: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
 
 
 def signal_and_noise_scales(schedule: Schedule, t, x):
-  """(sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) shaped to broadcast against x, from the schedule's
-  float64-derived tables (computed here in float32 only for a Schedule without them)."""
-  if schedule.sqrt_alphas_cumprod is None:
-    abar = schedule.alphas_cumprod[t]
-    return per_example(jnp.sqrt(abar), x), per_example(jnp.sqrt(1.0 - abar), x)
-  return (per_example(schedule.sqrt_alphas_cumprod[t], x),
-          per_example(schedule.sqrt_one_minus_alphas_cumprod[t], x))
+  """(sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) shaped to broadcast against x (`Schedule.scales`)."""
+  signal, noise = schedule.scales(t)
+  return per_example(signal, x), per_example(noise, x)
 
 
 def q_sample(schedule: Schedule, x0, t, noise):

@@ -48,8 +48,9 @@ class StepContext(NamedTuple):
 
   @property
   def sigma(self):
-    """σ_t = sqrt((1 − ᾱ_t)/ᾱ_t), shape (B,)."""
-    return jnp.sqrt((1.0 - self.abar) / self.abar)
+    """σ_t = sqrt((1 − ᾱ_t)/ᾱ_t), shape (B,), from the schedule's float64-derived tables."""
+    signal, noise_std = self.schedule.scales(self.t)
+    return noise_std / signal
 
   def x0(self, eps):
     return diffusion.predict_x0_from_eps(self.schedule, self.x_t, self.t, eps)

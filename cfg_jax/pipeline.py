@@ -29,6 +29,7 @@ from absl import logging
 from jax.tree_util import Partial
 
 from cfg_jax import checkpoints, data, errors, models, sampling, schedules
+from cfg_jax import guidance as guidance_lib
 from cfg_jax.models import unet
 from cfg_jax.train import classifier as classifier_training
 from cfg_jax.train import diffusion as diffusion_training
@@ -65,8 +66,7 @@ class Pipeline:
     section. The classifier (if any) is passed unless `classifier_scale` is a plain 0, so
     unguided sampling compiles without it.
     """
-    self._check_labels(labels)
-    self._warn_if_unguidable(options.get("guidance_scale"))
+    self._warn_if_unguidable(options)
     defaults = dict(method=self.config.sampling.method, num_steps=self.config.sampling.num_steps,
                     eta=self.config.sampling.eta)
     scale = options.get("classifier_scale", 0.0)
@@ -74,29 +74,38 @@ class Pipeline:
       defaults["classifier_fn"] = self.classifier_fn
     return sampling.sample(key, self.eps_fn, self.schedule, labels,
                            image_shape=self.image_shape, null_label=self.null_label,
-                           **{**defaults, **options})
+                           num_classes=self.num_classes, **{**defaults, **options})
 
-  def _check_labels(self, labels) -> None:
-    """Out-of-range labels would index past the embedding table and sample NaN."""
-    if isinstance(labels, jax.core.Tracer):
+  def _warn_if_unguidable(self, options) -> None:
+    """With p_uncond = 0 the null label was never trained, so any guidance that reads
+    ε(x, t, ∅) (γ ≠ 1, a swept scale, APG, CFG++) mixes in garbage."""
+    if self.config.diffusion.get("p_uncond", 1.0) != 0:
       return
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-      raise errors.InputError(f"labels must be a 1-D list of integers, got {labels.dtype} "
-                              f"{labels.shape}.")
-    bad = labels[(labels < 0) | (labels > self.null_label)]
-    if bad.size:
-      raise errors.InputError(f"label {int(bad[0])} is out of range; this model's classes are "
-                              f"0..{self.num_classes - 1} ({self.null_label}: no label).")
+    rule = options.get("guidance")
+    if rule is None:
+      scale = options.get("guidance_scale")
+      if scale is None:
+        return  # γ = 1: the conditional model alone
+      try:
+        rule = guidance_lib.CFG(scale=scale)
+      except errors.UserError:
+        return  # the sampler names the bad scale
+    if isinstance(rule, guidance_lib.RULES) and sampling.uses_null_label(rule):
+      logging.warning("%s needs the unconditional model, but this one was trained with "
+                      "p_uncond=0 (the null label never trained), so expect garbage; use "
+                      "guidance_scale=1 (the conditional model alone).", _describe(rule))
 
-  def _warn_if_unguidable(self, guidance_scale) -> None:
-    """With p_uncond = 0 the null label was never trained, so γ ≠ 1 mixes in garbage."""
-    if self.config.diffusion.get("p_uncond", 1.0) != 0 or guidance_scale is None:
-      return
-    if isinstance(guidance_scale, (int, float)) and guidance_scale != 1:
-      logging.warning("guidance_scale=%g needs the unconditional model, but this one was "
-                      "trained with p_uncond=0 (the null label never trained); expect garbage "
-                      "unless guidance_scale=1.", guidance_scale)
+
+def _describe(rule) -> str:
+  """The guidance as a user writes it, e.g. "guidance_scale=3" or "APG(scale=[1.0, 2.0])"."""
+  if isinstance(rule.scale, jax.core.Tracer):
+    shown = "traced"
+  else:
+    scale = np.asarray(rule.scale)
+    shown = f"{float(scale):g}" if scale.ndim == 0 else str(scale.tolist())
+  if isinstance(rule, guidance_lib.CFG) and rule.weight_schedule == "constant":
+    return f"guidance_scale={shown}"
+  return f"{type(rule).__name__}(scale={shown})"
 
 
 def load(workdir: str, classifier_workdir: Optional[str] = None,

@@ -8,8 +8,9 @@ Notation (the names in the code, the symbols of the papers; in the style of maxd
 | `t`, `t_prev`| t, t−1      | the visited timestep and the next one (−1: past the end)     |
 | `abar`       | ᾱ_t         | `schedule.alphas_cumprod[t]`                                 |
 | `abar_prev`  | ᾱ_{t−1}     | ᾱ at the next visited timestep; 1 after the last             |
-| `alpha`      | α_t         | ᾱ_t / ᾱ_{t−1}, one step of the respaced chain                |
-| `beta`       | β_t         | 1 − α_t                                                      |
+| `signal`     | sqrt(ᾱ_t)   | `Schedule.scales(t)[0]`; α_t in DPM-Solver's notation        |
+| `noise_std`  | sqrt(1−ᾱ_t) | `Schedule.scales(t)[1]`; σ_t in DPM-Solver's notation        |
+| `beta`       | β_t         | 1 − α_t, α_t = ᾱ_t / ᾱ_{t−1}: one step of the respaced chain |
 | `eps`        | ε_θ(x_t)    | the (guided) noise prediction ε̂                              |
 | `x0`         | x̂0 (f_θ)   | the predicted x_0, "predicted x0" of Song et al. eq. (12)    |
 | `sigma`      | σ_t(η)      | DDIM's noise scale, Song et al. eq. (16)                     |
@@ -24,7 +25,12 @@ Conventions (kept identical to diffusers and guided-diffusion so trajectories ag
   "linspace" round(linspace(0, T − 1, num_steps)). DPM-Solver++ takes the definitions of
   diffusers' `DPMSolverMultistepScheduler`, whose "leading" and "linspace" lay num_steps + 1
   points and drop t = 0. Each step goes to the next visited timestep and ᾱ = 1 after the last
-  (diffusers' `set_alpha_to_one`, guided-diffusion's `alphas_cumprod_prev`).
+  (diffusers' `set_alpha_to_one`, guided-diffusion's `alphas_cumprod_prev`). x_T ~ N(0, I) is
+  only right where ᾱ ≈ 0: a "leading" grid whose first timestep has ᾱ > MAX_START_ALPHA_CUMPROD
+  (few steps: n = 4 starts at t = 750, ᾱ = 0.14 on the cosine schedule) is an error when asked
+  for explicitly and a warning for the default.
+* Coefficients come from the schedule's float64-derived tables sqrt(ᾱ) and sqrt(1 − ᾱ)
+  (`Schedule.scales`; exactly (1, 0) past the last step), never from 1 − ᾱ in float32.
 * DDPM on a respaced grid uses β_t = 1 − ᾱ_t / ᾱ_{t−1} (guided-diffusion's `respace.py`) and
   the posterior ("fixed small") variance β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t).
 * `clip_denoised` clips the predicted x0 to [−1, 1]; `dynamic_threshold=p` replaces it with
@@ -35,8 +41,9 @@ Conventions (kept identical to diffusers and guided-diffusion so trajectories ag
   Salimans' w equals γ − 1. Only the passes the rule needs run: a concrete γ = 1 runs the
   conditional pass alone, γ = 0 the unconditional one, anything else both in one batched call.
 * Classifier guidance with g = s·∇_{x_t} log p_φ(y | x_t), taken at x_t: DDIM and DPM-Solver++
-  shift the score, ε̂ ← ε̂ − sqrt(1 − ᾱ_t)·g (Dhariwal & Nichol Algorithm 2, guided-diffusion's
-  `condition_score`); DDPM shifts the mean, μ ← μ + β̃_t·g (Algorithm 1, `condition_mean`).
+  shift the score, ε̂ ← ε̂ − sqrt(1 − ᾱ_t)·g (`score_shift`: Dhariwal & Nichol Algorithm 2,
+  guided-diffusion's `condition_score`); DDPM shifts the mean, μ ← μ + β̃_t·g (Algorithm 1,
+  `condition_mean`).
 
 Guidance scales (and every numeric field of a rule), labels, η, the key and x_T are traced: a
 new value never recompiles. A 1-D array of G scales returns (G, B, ...) from one program. The
@@ -49,6 +56,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import chex
@@ -66,6 +74,8 @@ ClassifierFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (x_t, t) -> 
 
 METHODS = ("ddim", "ddpm", "dpmpp_2m")
 SPACINGS = ("leading", "trailing", "linspace")
+# x_T ~ N(0, I) is a sample of x_t only where ᾱ_t ≈ 0; a grid may start at most this far off.
+MAX_START_ALPHA_CUMPROD = 1e-2
 
 per_example = diffusion.per_example
 
@@ -114,6 +124,7 @@ def sample(
     guidance_scale=None,
     guidance=None,
     null_label: Optional[int] = None,
+    num_classes: Optional[int] = None,
     classifier_fn: Optional[ClassifierFn] = None,
     classifier_scale=0.0,
 ):
@@ -124,7 +135,8 @@ def sample(
     eps_fn: `eps_fn(x_t, t, y) -> ε`, t int32 (B,) timesteps of the full schedule, y int32
       (B,) labels where `y == null_label` means "no label".
     schedule: the noise schedule the model was trained with.
-    labels: int (B,) class labels, each in 0..null_label.
+    labels: int (B,) class labels, each in 0..num_classes − 1 or null_label (without
+      num_classes: 0..null_label).
     image_shape: shape of one sample, e.g. (8, 8, 1); or give `x_init`.
     x_init: the starting x_T, shape (B, *image_shape).
     method: "ddim", "ddpm" (ancestral, posterior variance) or "dpmpp_2m" (DPM-Solver++(2M)).
@@ -133,18 +145,26 @@ def sample(
     clip_denoised: clip the predicted x0 to [−1, 1] at every step.
     dynamic_threshold: Imagen's percentile p in (0, 1] (replaces clipping), or None (off).
     timestep_spacing: "leading" (None: leading, warning instead of raising for a grid that
-      starts far below T), "trailing" or "linspace"; see the module docstring.
+      starts far from pure noise), "trailing" or "linspace"; see the module docstring.
     guidance_scale: γ of plain classifier-free guidance, a scalar or a 1-D array of G scales;
       None means 1 (or `guidance`). Needs `null_label` unless it is 1.
     guidance: a rule of `cfg_jax.guidance` (CFG, APG, CFGPlusPlus, Autoguidance), instead of
       `guidance_scale`; its scale may be a 1-D array of G scales too.
     null_label: the label id that means "unconditional" (num_classes for our models).
+    num_classes: the number of classes the model knows, to refuse other labels (an embedding
+      table looked up out of range gives NaN); None checks only against null_label.
     classifier_fn: `classifier_fn(x_t, t) -> logits` of a noisy classifier p_φ(y | x_t).
     classifier_scale: s, the classifier-guidance scale (a concrete 0 computes no gradient and
       compiles without the classifier; a traced one always computes it).
 
   Returns:
     (B, *image_shape) samples, or (G, B, *image_shape) for G scales (the same x_T for each).
+
+  Raises:
+    InputError: for arguments that cannot work, before anything is traced.
+    NonFiniteError: when the samples hold NaN or infinity: one reduction, after which the
+      call waits for the samples (skipped inside an outer `jit`/`vmap`, whose caller gets the
+      values).
   """
   labels = jnp.asarray(labels)
   if guidance is not None and guidance_scale is not None:
@@ -152,9 +172,12 @@ def sample(
   if guidance is None:
     _check_scale_arg(guidance_scale)
     guidance = guidance_lib.CFG(scale=1.0 if guidance_scale is None else guidance_scale)
-  spacing = _validate(schedule, labels, image_shape, x_init, method, num_steps, eta, guidance,
-                      null_label, classifier_fn, classifier_scale, dynamic_threshold,
-                      timestep_spacing)
+  spacing, warning = _check_options(schedule, method, num_steps, eta, timestep_spacing,
+                                    dynamic_threshold)
+  _validate(labels, image_shape, x_init, method, guidance, null_label, num_classes,
+            classifier_fn, classifier_scale)
+  if warning:  # the default keeps today's samples; say it loudly instead of breaking callers
+    warnings.warn(warning, UserWarning, stacklevel=2)
   if isinstance(guidance, guidance_lib.Autoguidance):
     guidance = guidance.replace(weak_eps_fn=_as_partial(guidance.weak_eps_fn))
   passes = _passes(guidance, null_label)  # decided on the concrete values, before tracing
@@ -166,7 +189,7 @@ def sample(
     classifier_fn = None  # s = 0 computes no gradient: a program without the classifier
   if image_shape is None:
     image_shape = x_init.shape[1:]
-  return _sample_jit(
+  samples = _sample_jit(
       key,
       _as_partial(eps_fn),
       None if classifier_fn is None else _as_partial(classifier_fn),
@@ -186,14 +209,18 @@ def sample(
       null_label=None if null_label is None else int(null_label),
       passes=passes,
   )
+  _check_finite(samples, len(image_shape))
+  return samples
 
 
-def classifier_free_eps(eps_fn: EpsFn, x_t, t, y, guidance_scale, null_label):
-  """ε̂ = ε(x,t,∅) + γ·(ε(x,t,y) − ε(x,t,∅)), with both passes in one batched call."""
-  if null_label is None:
-    return _call(eps_fn, x_t, t, y)
-  eps_cond, eps_uncond = _both_passes(eps_fn, x_t, t, y, null_label)
-  return eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # Ho & Salimans eq. (6)
+def check_options(schedule, *, method: str = "ddim", num_steps: int = 50, eta=0.0,
+                  timestep_spacing: Optional[str] = None, dynamic_threshold=None) -> None:
+  """Raises an InputError for sampler options that cannot work with `schedule`.
+
+  `sample` runs the same checks; call this to fail before slow work that comes first (a
+  sweep trains its evaluation network before it samples).
+  """
+  _check_options(schedule, method, num_steps, eta, timestep_spacing, dynamic_threshold)
 
 
 def guided_eps(rule, passes, eps_fn, ctx: guidance_lib.StepContext, labels, null_label, state):
@@ -246,14 +273,25 @@ def denoise_x0(x0, clip_denoised, dynamic_threshold=None):
   return x0
 
 
+def score_shift(schedule, t, grad):
+  """sqrt(1 − ᾱ_t)·g, what classifier guidance takes off ε: ε̂ = ε − sqrt(1 − ᾱ_t)·g.
+
+  Dhariwal & Nichol's Algorithm 2 (guided-diffusion's `condition_score`): since
+  ∇_{x_t} log p(x_t) = −ε/sqrt(1 − ᾱ_t), adding g = s·∇_{x_t} log p_φ(y | x_t) to the score
+  shifts ε by −sqrt(1 − ᾱ_t)·g. DDIM and DPM-Solver++ step with the shifted ε̂.
+  """
+  _, noise_std = schedule.scales(t)  # sqrt(1 − ᾱ_t), the float64-derived table
+  return per_example(noise_std, grad) * grad
+
+
 def ddim_step(schedule, x_t, t, t_prev, eps, grad, eta, noise, clip_denoised,
               dynamic_threshold=None, eps_renoise=None):
   """One DDIM step from t to t_prev (Song et al. eq. (12)), with Algorithm 2's score shift.
 
   `eps_renoise` (CFG++) replaces ε in the direction pointing to x_t; None uses ε.
   """
-  abar = schedule.alphas_cumprod[t]  # ᾱ_t
-  abar_prev = _abar_prev(schedule, t_prev)  # ᾱ_{t−1}
+  _, noise_std = schedule.scales(t)  # sqrt(1 − ᾱ_t)
+  signal_prev, noise_std_prev = schedule.scales(t_prev)  # sqrt(ᾱ_{t−1}), sqrt(1 − ᾱ_{t−1})
   x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps)  # "predicted x0", eq. (12)
   if clip_denoised or dynamic_threshold is not None:
     x0 = denoise_x0(x0, clip_denoised, dynamic_threshold)
@@ -263,19 +301,21 @@ def ddim_step(schedule, x_t, t, t_prev, eps, grad, eta, noise, clip_denoised,
       eps_renoise = eps_renoise + (new_eps - eps)  # CFG++: the same correction
     eps = new_eps
   if grad is not None:
-    shift = per_example(jnp.sqrt(1.0 - abar), x_t) * grad
-    eps = eps - shift  # Dhariwal & Nichol Algorithm 2: ε̂ = ε − sqrt(1 − ᾱ_t)·∇log p_φ
+    shift = score_shift(schedule, t, grad)
+    eps = eps - shift
     if eps_renoise is not None:
       eps_renoise = eps_renoise - shift
     x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps)  # Algorithm 2's x0 from ε̂
   if eps_renoise is None:
     eps_renoise = eps
+  beta = _respaced_beta(schedule, t, t_prev)  # β_t = 1 − ᾱ_t/ᾱ_{t−1}
   # σ_t(η) = η·sqrt((1 − ᾱ_{t−1})/(1 − ᾱ_t))·sqrt(1 − ᾱ_t/ᾱ_{t−1}), Song et al. eq. (16).
-  sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
-  # sqrt(1 − ᾱ_{t−1} − σ_t²), the "direction pointing to x_t" of eq. (12).
-  direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0))
+  sigma = eta * (noise_std_prev / noise_std) * jnp.sqrt(beta)
+  # sqrt(1 − ᾱ_{t−1} − σ_t²), the "direction pointing to x_t" of eq. (12), written as
+  # sqrt(1 − ᾱ_{t−1})·sqrt(1 − η²β_t/(1 − ᾱ_t)): the table value itself at η = 0.
+  direction = noise_std_prev * jnp.sqrt(jnp.maximum(1.0 - eta**2 * beta / noise_std**2, 0.0))
   # x_{t−1} = sqrt(ᾱ_{t−1})·x̂0 + sqrt(1 − ᾱ_{t−1} − σ_t²)·ε + σ_t·z, eq. (12).
-  return (per_example(jnp.sqrt(abar_prev), x_t) * x0 + per_example(direction, x_t) * eps_renoise
+  return (per_example(signal_prev, x_t) * x0 + per_example(direction, x_t) * eps_renoise
           + per_example(sigma, x_t) * noise)
 
 
@@ -284,17 +324,17 @@ def ddpm_step(schedule, x_t, t, t_prev, eps, grad, noise, clip_denoised, dynamic
 
   Samples the posterior q(x_{t−1} | x_t, x̂0) of Ho et al. eqs. (6)-(7).
   """
-  abar = schedule.alphas_cumprod[t]  # ᾱ_t
-  abar_prev = _abar_prev(schedule, t_prev)  # ᾱ_{t−1}
-  alpha = abar / abar_prev  # α_t of the respaced chain
-  beta = 1.0 - alpha  # β_t
+  signal, noise_std = schedule.scales(t)  # sqrt(ᾱ_t), sqrt(1 − ᾱ_t)
+  signal_prev, noise_std_prev = schedule.scales(t_prev)  # the same at t − 1
+  beta = _respaced_beta(schedule, t, t_prev)  # β_t = 1 − α_t, α_t = ᾱ_t/ᾱ_{t−1}
+  noise_ratio_sq = (noise_std_prev / noise_std) ** 2  # (1 − ᾱ_{t−1})/(1 − ᾱ_t)
   x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps)  # Ho et al. eq. (15) solved for x0
   x0 = denoise_x0(x0, clip_denoised, dynamic_threshold)
   # μ̃_t = sqrt(ᾱ_{t−1})β_t/(1 − ᾱ_t)·x0 + sqrt(α_t)(1 − ᾱ_{t−1})/(1 − ᾱ_t)·x_t, eq. (7).
-  coef_x0 = jnp.sqrt(abar_prev) * beta / (1.0 - abar)
-  coef_xt = jnp.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar)
+  coef_x0 = signal_prev * beta / noise_std**2
+  coef_xt = (signal / signal_prev) * noise_ratio_sq
   # β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t, eq. (7).
-  variance = beta * (1.0 - abar_prev) / (1.0 - abar)
+  variance = beta * noise_ratio_sq
   mean = per_example(coef_x0, x_t) * x0 + per_example(coef_xt, x_t) * x_t
   if grad is not None:
     # Dhariwal & Nichol Algorithm 1: μ + s·Σ·∇log p_φ(y | x_t), with Σ = β̃_t.
@@ -311,29 +351,28 @@ def dpmpp_2m_step(schedule, x_t, t, t_prev, t_last, eps, grad, x0_last, clip_den
   predicted. The first step and the final step to ᾱ = 1 (σ = 0) are first order; the final
   one returns x̂0. Returns (x_{t_prev}, x̂0).
   """
-  abar = schedule.alphas_cumprod[t]  # ᾱ_t
-  abar_prev = _abar_prev(schedule, t_prev)  # ᾱ_{t−1}, the target
-  abar_last = _abar_prev(schedule, t_last)  # ᾱ at the step before
+  signal, noise_std = schedule.scales(t)  # α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t)
+  signal_prev, noise_std_prev = schedule.scales(t_prev)  # the target
+  signal_last, noise_std_last = schedule.scales(t_last)  # the step before
   if grad is not None:
-    # Dhariwal & Nichol Algorithm 2's score shift on ε, before x̂0 is formed.
-    eps = eps - per_example(jnp.sqrt(1.0 - abar), x_t) * grad
+    eps = eps - score_shift(schedule, t, grad)  # before x̂0 is formed
   x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps)  # the data prediction x_θ
   x0 = denoise_x0(x0, clip_denoised, dynamic_threshold)
   final = t_prev < 0  # to σ = 0, where λ = ∞
   first = t_last < 0
-  lam = _lam(abar)  # λ_t = log(α_t/σ_t)
-  lam_prev = _lam(jnp.where(final, 0.5, abar_prev))
-  lam_last = _lam(jnp.where(first, 0.5, abar_last))
+  lam = _lam(signal, noise_std)  # λ_t = log(α_t/σ_t)
+  lam_prev = _lam(jnp.where(final, 1.0, signal_prev), jnp.where(final, 1.0, noise_std_prev))
+  lam_last = _lam(jnp.where(first, 1.0, signal_last), jnp.where(first, 1.0, noise_std_last))
   h = lam_prev - lam  # h_i = λ_{t_i} − λ_{t_{i−1}}
   phi = jnp.expm1(-h)  # e^{−h} − 1
-  ratio = jnp.sqrt(1.0 - abar_prev) / jnp.sqrt(1.0 - abar)  # σ_{t_i}/σ_{t_{i−1}}
+  ratio = noise_std_prev / noise_std  # σ_{t_i}/σ_{t_{i−1}}
   r = (lam - lam_last) / h  # r_i = h_{i−1}/h_i
   # D_i = (1 + 1/(2r_i))·x̂0_i − 1/(2r_i)·x̂0_{i−1}; the first step uses D = x̂0 (DPM-Solver++(1)).
   half_inv_r = per_example(jnp.where(first, 0.0, 0.5 / r), x0)
   d = (1.0 + half_inv_r) * x0 - half_inv_r * x0_last
   # x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}})·x̃_{t_{i−1}} − α_{t_i}(e^{−h_i} − 1)·D_i.
   x_prev = (per_example(ratio, x_t) * x_t
-            - per_example(jnp.sqrt(abar_prev) * phi, x_t) * d)
+            - per_example(signal_prev * phi, x_t) * d)
   return jnp.where(per_example(final, x_t), x0, x_prev), x0
 
 
@@ -408,6 +447,12 @@ def _both_passes(eps_fn, x_t, t, y, null_label):
   return jnp.split(both, 2)
 
 
+def uses_null_label(rule) -> bool:
+  """Whether sampling with `rule` reads ε(x, t, ∅): all but autoguidance and a concrete plain
+  γ = 1 (which runs the conditional pass alone)."""
+  return _passes(rule, null_label=0) not in ("cond", "main+weak")
+
+
 def _passes(rule, null_label) -> str:
   """Which ε passes a step runs: "cond", "uncond", "both" (one 2B call) or "main+weak".
 
@@ -431,13 +476,46 @@ def _passes(rule, null_label) -> str:
   return "both"
 
 
-def _abar_prev(schedule, t_prev):
-  return jnp.where(t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
+def _abar(schedule, t):
+  """ᾱ_t, and 1 past the last step (t < 0)."""
+  return jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
 
 
-def _lam(abar):
-  """λ = log(sqrt(ᾱ)/sqrt(1 − ᾱ)), DPM-Solver's half log-SNR."""
-  return 0.5 * (jnp.log(abar) - jnp.log1p(-abar))
+def _respaced_beta(schedule, t, t_prev):
+  """β_t = 1 − ᾱ_t/ᾱ_{t−1} of the respaced chain, as (ᾱ_{t−1} − ᾱ_t)/ᾱ_{t−1}.
+
+  The difference is taken in whichever of ᾱ and 1 − ᾱ (the float64-derived table) is small:
+  in float32 the other has lost the digits (ᾱ_0 ≈ 1 keeps 1 − ᾱ_0 to only 6e-4).
+  """
+  abar, abar_prev = _abar(schedule, t), _abar(schedule, t_prev)
+  _, noise_std = schedule.scales(t)
+  _, noise_std_prev = schedule.scales(t_prev)
+  diff = jnp.where(abar_prev > 0.5, noise_std**2 - noise_std_prev**2, abar_prev - abar)
+  return diff / abar_prev
+
+
+def _lam(signal, noise_std):
+  """λ = log(sqrt(ᾱ)/sqrt(1 − ᾱ)), DPM-Solver's half log-SNR, from the tables' α and σ."""
+  return jnp.log(signal) - jnp.log(noise_std)
+
+
+def _check_finite(samples, image_ndim):
+  """Raises a NonFiniteError for NaN or infinite samples, where they are concrete values."""
+  if isinstance(samples, jax.core.Tracer):
+    return  # inside the caller's jit or vmap: the caller gets the values
+  bad = int(_count_non_finite(samples, image_ndim))
+  if bad:
+    total = math.prod(samples.shape[:samples.ndim - image_ndim])
+    raise errors.NonFiniteError(
+        f"{bad} of {total} samples hold NaN or infinite values; check that every label is a "
+        "class the model knows (pass num_classes to check) and that eps_fn and classifier_fn "
+        "are finite.")
+
+
+@partial(jax.jit, static_argnums=1)
+def _count_non_finite(samples, image_ndim):
+  pixels = samples.reshape(samples.shape[:samples.ndim - image_ndim] + (-1,))
+  return jnp.sum(~jnp.all(jnp.isfinite(pixels), axis=-1))
 
 
 def _as_partial(fn):
@@ -464,7 +542,12 @@ def _check_scale_arg(guidance_scale):
 
 
 def _check_spacing(schedule, method, num_steps, spacing):
-  """The spacing to use; raises (or, for the default, warns) when "leading" starts far below T."""
+  """(the spacing to use, a warning or None); raises for a bad spacing asked for explicitly.
+
+  x_T ~ N(0, I) is a sample of x_t only where ᾱ_t ≈ 0, so a grid that starts where ᾱ is
+  larger (a "leading" grid with few steps, or with T % num_steps != 0) starts from the wrong
+  distribution. "trailing" and "linspace" always start at T − 1.
+  """
   explicit = spacing is not None
   spacing = "leading" if spacing is None else spacing
   if spacing not in SPACINGS:
@@ -474,41 +557,51 @@ def _check_spacing(schedule, method, num_steps, spacing):
   if np.any(np.diff(ts) >= 0) or ts[-1] < 0:
     raise errors.InputError(f"num_steps={num_steps} repeats timesteps with timestep_spacing="
                             f"{spacing!r}; use fewer steps.")
-  # A leading grid of n points (n + 1 for DPM-Solver++) starts at (n − 1)·(T // n): far below
-  # T − 1 when T % n != 0, which covers every T/2 < n < T (n = T visits every timestep).
-  points = num_steps + 1 if method == "dpmpp_2m" else num_steps
-  if spacing == "leading" and T % points != 0:
-    abar = float(schedule.alphas_cumprod[int(ts[0])])
-    message = (f"timestep_spacing='leading' with num_steps={num_steps} starts at t={ts[0]} "
-               f"of T={T} (ᾱ={abar:.3g}), far below pure noise; use timestep_spacing="
-               f"'trailing' (or a num_steps that divides T).")
-    if explicit:
-      raise errors.InputError(message)
-    # The default keeps today's samples; say it loudly instead of breaking callers.
-    warnings.warn(message, UserWarning, stacklevel=4)
-  return spacing
+  table = _concrete(schedule.alphas_cumprod)  # None for a traced schedule: nothing to check
+  start = int(ts[0])
+  if table is None or start == T - 1 or table[start] <= MAX_START_ALPHA_CUMPROD:
+    return spacing, None
+  message = (f"timestep_spacing={spacing!r} with num_steps={num_steps} starts at t={start} of "
+             f"T={T}, where ᾱ={float(table[start]):.3g} > {MAX_START_ALPHA_CUMPROD:g}, so x_T ~ "
+             f"N(0, I) is not pure noise there; use timestep_spacing='trailing' (or 'linspace'), "
+             f"or more steps.")
+  if explicit:
+    raise errors.InputError(message)
+  return spacing, message
 
 
-def _validate(schedule, labels, image_shape, x_init, method, num_steps, eta, rule, null_label,
-              classifier_fn, classifier_scale, dynamic_threshold, spacing):
+def _check_options(schedule, method, num_steps, eta, spacing, dynamic_threshold):
+  """(the spacing to use, a warning or None) for the sampler's options; raises for bad ones."""
   if method not in METHODS:
     raise errors.InputError(f"Unknown sampling method {method!r}; use one of {METHODS}.")
   num_timesteps = schedule.num_timesteps
   if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
     raise errors.InputError(f"num_steps must be an int in 1..{num_timesteps}, got {num_steps!r}.")
-  spacing = _check_spacing(schedule, method, num_steps, spacing)
+  spacing, warning = _check_spacing(schedule, method, num_steps, spacing)
+  eta_value = _concrete(eta)
+  if eta_value is not None and (eta_value.shape != () or not np.isfinite(eta_value)):
+    raise errors.InputError(f"eta must be a finite scalar, got {eta!r}.")
+  if eta_value is not None and eta_value < 0:
+    raise errors.InputError(f"eta must be >= 0, got {float(eta_value)}.")
+  if method != "ddim" and eta_value is not None and eta_value != 0:
+    raise errors.InputError(f"eta applies to method='ddim' only; {method} has no η.")
+  if dynamic_threshold is not None:
+    p = _concrete(dynamic_threshold)
+    if p is not None and (p.shape != () or not 0 < p <= 1):
+      raise errors.InputError(f"dynamic_threshold must be a percentile in (0, 1] or None, got "
+                              f"{dynamic_threshold!r}.")
+  return spacing, warning
+
+
+def _validate(labels, image_shape, x_init, method, rule, null_label, num_classes, classifier_fn,
+              classifier_scale):
   if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
     raise errors.InputError(f"labels must be a 1-D integer array, got {labels.dtype} "
                             f"{labels.shape}.")
-  if null_label is not None and (not isinstance(null_label, (int, np.integer)) or null_label < 0):
-    raise errors.InputError(f"null_label must be a non-negative int or None, got {null_label!r}.")
-  concrete_labels = _concrete(labels)
-  if concrete_labels is not None and concrete_labels.size:
-    high = null_label if null_label is not None else math.inf
-    bad = concrete_labels[(concrete_labels < 0) | (concrete_labels > high)]
-    if bad.size:
-      limit = f"0..{null_label} (null_label)" if null_label is not None else "non-negative"
-      raise errors.InputError(f"label {int(bad[0])} is out of range; labels must be {limit}.")
+  for name, value in (("null_label", null_label), ("num_classes", num_classes)):
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
+      raise errors.InputError(f"{name} must be a non-negative int or None, got {value!r}.")
+  _check_label_range(_concrete(labels), null_label, num_classes)
   if x_init is None and image_shape is None:
     raise errors.InputError("Give image_shape (the shape of one sample) or x_init (x_T).")
   if x_init is not None:
@@ -519,25 +612,34 @@ def _validate(schedule, labels, image_shape, x_init, method, num_steps, eta, rul
     if image_shape is not None and tuple(image_shape) != x_shape[1:]:
       raise errors.InputError(f"x_init shape {x_shape} does not match image_shape "
                               f"{tuple(image_shape)}.")
-  for name, value in (("classifier_scale", classifier_scale), ("eta", eta)):
-    concrete = _concrete(value)
-    if concrete is not None and (concrete.shape != () or not np.isfinite(concrete)):
-      raise errors.InputError(f"{name} must be a finite scalar, got {value!r}.")
-  eta_value = _concrete(eta)
-  if eta_value is not None and eta_value < 0:
-    raise errors.InputError(f"eta must be >= 0, got {float(eta_value)}.")
-  if method != "ddim" and eta_value is not None and eta_value != 0:
-    raise errors.InputError(f"eta applies to method='ddim' only; {method} has no η.")
-  if dynamic_threshold is not None:
-    p = _concrete(dynamic_threshold)
-    if p is not None and (p.shape != () or not 0 < p <= 1):
-      raise errors.InputError(f"dynamic_threshold must be a percentile in (0, 1] or None, got "
-                              f"{dynamic_threshold!r}.")
-  _validate_rule(rule, method, null_label)
   cls_scale = _concrete(classifier_scale)
+  if cls_scale is not None and (cls_scale.shape != () or not np.isfinite(cls_scale)):
+    raise errors.InputError(f"classifier_scale must be a finite scalar, got "
+                            f"{classifier_scale!r}.")
+  _validate_rule(rule, method, null_label)
   if classifier_fn is None and cls_scale is not None and cls_scale != 0:
     raise errors.InputError("classifier_scale is non-zero but no classifier_fn was given.")
-  return spacing
+
+
+def _check_label_range(labels, null_label, num_classes):
+  """Labels index the model's class embedding: one past its table would sample NaN."""
+  if labels is None or not labels.size:
+    return  # traced labels: the caller's to check
+  if num_classes is not None:
+    ok = (labels >= 0) & (labels < num_classes)
+    if null_label is not None:
+      ok |= labels == null_label
+    null = f" or {null_label} (null_label)" if null_label is not None else ""
+    limit = f"0..{num_classes - 1} (num_classes={num_classes}){null}"
+  elif null_label is not None:
+    ok = (labels >= 0) & (labels <= null_label)
+    limit = f"0..{null_label} (null_label)"
+  else:
+    ok = labels >= 0
+    limit = "non-negative (pass num_classes to bound them)"
+  bad = labels[~ok]
+  if bad.size:
+    raise errors.InputError(f"label {int(bad[0])} is out of range; labels must be {limit}.")
 
 
 def _validate_rule(rule, method, null_label):

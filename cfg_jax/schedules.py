@@ -43,6 +43,21 @@ class Schedule:
     prev = jnp.concatenate([jnp.ones((1,), self.alphas_cumprod.dtype), self.alphas_cumprod[:-1]])
     return 1.0 - self.alphas_cumprod / prev
 
+  def scales(self, t):
+    """(sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) at timesteps t, from the float64-derived tables.
+
+    t < 0 means "past the last step", where ᾱ = 1: (1, 0) exactly, as the samplers need for
+    their final step (diffusers' `set_alpha_to_one`).
+    """
+    index = jnp.maximum(t, 0)
+    if self.sqrt_alphas_cumprod is None:  # a Schedule built from ᾱ alone: float32 it is
+      abar = self.alphas_cumprod[index]
+      signal, noise = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+    else:
+      signal, noise = self.sqrt_alphas_cumprod[index], self.sqrt_one_minus_alphas_cumprod[index]
+    past_end = t < 0
+    return jnp.where(past_end, 1.0, signal), jnp.where(past_end, 0.0, noise)
+
   def log_snr(self, t=None) -> jnp.ndarray:
     """λ_t = log(ᾱ_t / (1 − ᾱ_t)), for all t or the given timesteps."""
     abar = self.alphas_cumprod if t is None else self.alphas_cumprod[t]
@@ -64,12 +79,16 @@ def from_betas(betas: np.ndarray) -> Schedule:
   return from_alphas_cumprod(np.cumprod(1.0 - betas))
 
 
-def linear(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+def linear(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+           max_beta: float = 0.999) -> Schedule:
   """Ho et al. (2020): β_t linear from beta_start to beta_end, both scaled by 1000/T.
 
   The scaling is guided-diffusion's (`get_named_beta_schedule("linear")`): it keeps ᾱ_T near
   0 for any T (unscaled, T = 250 would leave ᾱ_T = 0.08, so x_T would not be N(0, I)); at
-  T = 1000 it is Ho et al.'s schedule. Needs T >= 20, where β_T reaches 1.
+  T = 1000 it is Ho et al.'s schedule. Needs T >= 20, where the scaled β_T reaches 1. β is
+  capped at max_beta, as in the cosine schedule: at T = 20 an uncapped β_T = 1 gives ᾱ_T = 0,
+  where x0 = (x_T − sqrt(1 − ᾱ_T)·ε)/sqrt(ᾱ_T) is NaN. With the default β range the cap
+  changes only T = 20.
   """
   _check_num_timesteps(num_timesteps)
   scale = 1000.0 / num_timesteps
@@ -77,8 +96,8 @@ def linear(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float 
     raise errors.ConfigError(f"The linear schedule needs num_timesteps >= "
                              f"{math.ceil(1000 * beta_end)} (β scaled by 1000/T must stay <= 1), "
                              f"got {num_timesteps}; raise diffusion.num_timesteps.")
-  return from_betas(np.linspace(beta_start * scale, beta_end * scale, num_timesteps,
-                                dtype=np.float64))
+  betas = np.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=np.float64)
+  return from_betas(np.minimum(betas, max_beta))
 
 
 def cosine(num_timesteps: int = 1000, offset: float = 0.008, max_beta: float = 0.999) -> Schedule:

@@ -11,7 +11,7 @@ from tests import reference_samplers as ref
 from tests.gaussian_oracle import GaussianClasses
 
 SCHEDULE = schedules.linear(1000)
-ABAR = np.asarray(SCHEDULE.alphas_cumprod, np.float64)
+ABAR = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))  # float64, as the schedule's tables
 MEANS = np.array([[0.6, -0.4], [-0.5, 0.5], [0.1, 0.7]])
 ORACLE = GaussianClasses(SCHEDULE, MEANS, std=0.3)
 NULL = ORACLE.num_classes
@@ -223,3 +223,11 @@ def test_bad_rule_fields_raise_one_line_errors(make, message):
   with pytest.raises(ValueError, match=message) as info:
     make()
   assert "\n" not in str(info.value)
+
+
+def test_step_context_sigma_uses_the_float64_tables():
+  """σ_t = sqrt((1 − ᾱ_t)/ᾱ_t): near t = 0, 1 − ᾱ in float32 would be off by 3e-4."""
+  t = jnp.array([0, 1, 2, 10, 500, 999])
+  ctx = guidance.StepContext(SCHEDULE, jnp.zeros((len(t), D)), t)
+  want = np.sqrt((1 - ABAR[np.asarray(t)]) / ABAR[np.asarray(t)])
+  np.testing.assert_allclose(ctx.sigma, want, rtol=1e-6)

@@ -63,3 +63,40 @@ def test_memorization():
   fresh = rng.standard_normal((2000, 16))
   share = metrics.memorization(fresh, train, held_out, quantile=0.05)
   assert share == pytest.approx(0.05, abs=0.03)
+
+
+class _PixelNet:
+  """A stand-in evaluation network: features are the first two pixels, logits their class."""
+
+  dataset = "digits"
+
+  def __call__(self, images):
+    flat = np.asarray(images, np.float64).reshape(len(images), -1)
+    features = flat[:, :2]
+    logits = np.eye(10)[np.clip(np.round(features[:, 0] / 20), 0, 9).astype(int)] * 5.0
+    return logits, features
+
+
+def _class_images(labels, rng):
+  """uint8 8×8 images whose first two pixels sit near (20·label, 100)."""
+  images = rng.integers(0, 256, (len(labels), 8, 8, 1)).astype(np.uint8)
+  images[:, 0, 0, 0] = 20 * labels + rng.integers(0, 4, len(labels))
+  images[:, 0, 1, 0] = 100 + rng.integers(0, 4, len(labels))
+  return images
+
+
+def test_precision_recall_use_a_random_subset_of_the_real_set():
+  """The real split is sorted by class: its first n images hold 2 of 10 classes, so
+  precision would be 0.2 on balanced samples; a seeded random subset covers all classes."""
+  from cfg_jax import data, io
+  from cfg_jax.evaluation import evaluate
+
+  rng = np.random.default_rng(3)
+  real_labels = np.repeat(np.arange(10), 50)  # class-sorted, 500 images
+  test = data.Split(images=io.from_uint8(_class_images(real_labels, rng)), labels=real_labels)
+  train = data.Split(images=test.images[::5], labels=real_labels[::5])
+  labels = np.arange(100) % 10  # balanced, n = 100 < 500 real images
+  samples = _class_images(labels, rng)
+  scores = evaluate(samples, labels, _PixelNet(), test, train)
+  assert scores["accuracy"] == 1.0
+  assert scores["precision"] > 0.9 and scores["recall"] > 0.9, scores

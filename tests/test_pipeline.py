@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cfg_jax
-from cfg_jax import checkpoints, errors, sampling, schedules
+from cfg_jax import checkpoints, errors, guidance, sampling, schedules
 
 pytestmark = pytest.mark.slow  # needs a workdir trained through the CLI
 
@@ -83,13 +83,15 @@ def test_out_of_range_labels_are_refused_before_sampling(model):
 
 
 def test_guidance_from_a_model_without_a_null_label_warns(model, caplog):
+  """Through the public path; tests/test_pipeline_options.py covers every kind of rule."""
   config = model.config.copy_and_resolve_references()
   config.diffusion.p_uncond = 0.0
   unguidable = dataclasses.replace(model, config=config)
+  kw = dict(num_steps=4, timestep_spacing="trailing")
   with caplog.at_level(logging.WARNING):
-    unguidable._warn_if_unguidable(3.0)
+    unguidable.sample(jax.random.key(0), [1, 2], guidance=guidance.CFG(np.array([1.0, 3.0])), **kw)
     assert "p_uncond=0" in caplog.text
     caplog.clear()
-    unguidable._warn_if_unguidable(1.0)
-    model._warn_if_unguidable(3.0)
-    assert not caplog.text
+    unguidable.sample(jax.random.key(0), [1, 2], guidance_scale=1.0, **kw)
+    model.sample(jax.random.key(0), [1, 2], guidance=guidance.CFG(3.0), **kw)
+    assert "p_uncond=0" not in caplog.text

@@ -1,11 +1,13 @@
 """The sampler against exact answers (Gaussian data) and a NumPy reference loop."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfg_jax import guidance, sampling, schedules
+from cfg_jax import errors, guidance, sampling, schedules
 from tests import reference_samplers as ref
 from tests.gaussian_oracle import GaussianClasses
 
@@ -41,16 +43,16 @@ def test_conditional_samples_match_each_class(method, num_steps):
 
 def test_ddim_carries_unit_gaussian_to_a_single_gaussian():
   oracle = GaussianClasses(SCHEDULE, np.array([[0.25, -0.5, 0.0]]), std=0.5)
-  errors = []
+  std_errors = []
   for num_steps in (10, 250):  # the deterministic ODE converges as the steps shrink
     x = sampling.sample(jax.random.key(1), oracle.eps, SCHEDULE, np.zeros(N, int),
                         image_shape=(3,), method="ddim", num_steps=num_steps,
                         clip_denoised=False)
     mean, std = _moments(x)
-    errors.append(np.abs(std - 0.5).max())
+    std_errors.append(np.abs(std - 0.5).max())
   np.testing.assert_allclose(mean, [0.25, -0.5, 0.0], atol=0.03)
   np.testing.assert_allclose(std, 0.5, atol=0.02)
-  assert errors[1] < errors[0] / 3
+  assert std_errors[1] < std_errors[0] / 3
 
 
 def test_unconditional_guidance_scale_zero_samples_the_mixture():
@@ -81,7 +83,7 @@ def test_classifier_guidance_on_unconditional_eps_samples_the_class(method, num_
 def _reference(x_T, labels, noises, method, num_steps, gamma, s, eta, clip, linear_eps,
                classifier_grad):
   """A float64 NumPy transcription of guided-diffusion's ddim_sample/p_sample loops."""
-  abar_all = np.asarray(SCHEDULE.alphas_cumprod, np.float64)
+  abar_all = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))  # float64, as the tables derive
   ts = sampling.timesteps(1000, num_steps)
   x = x_T.astype(np.float64)
   for i, t in enumerate(ts):
@@ -236,6 +238,12 @@ def test_zero_classifier_scale_equals_no_classifier():
         (dict(timestep_spacing="uniform"), "Unknown timestep_spacing"),
         (dict(timestep_spacing="leading", num_steps=3), "use timestep_spacing='trailing'"),
         (dict(timestep_spacing="leading", num_steps=600), "use timestep_spacing='trailing'"),
+        (dict(timestep_spacing="leading", num_steps=2), r"starts at t=500 .* ᾱ=0.0778 > 0.01"),
+        (dict(timestep_spacing="leading", num_steps=1, method="dpmpp_2m"), "starts at t=500"),
+        (dict(null_label=None, labels=[0, 50], num_classes=3),
+         r"label 50 is out of range; labels must be 0..2 \(num_classes=3\)\."),
+        (dict(labels=[0, 4], num_classes=3), r"must be 0..2 \(num_classes=3\) or 3 \(null_label\)"),
+        (dict(num_classes=-1), "num_classes must be a non-negative int"),
         (dict(method="dpmpp_2m", timestep_spacing="linspace", num_steps=1000),
          "repeats timesteps"),
         (dict(classifier_scale=1.0), "no classifier_fn"),
@@ -264,15 +272,14 @@ def test_zero_classifier_scale_evaluates_no_classifier():
   clean = sampling.sample(jax.random.key(5), ORACLE.eps, SCHEDULE, [0, 1], classifier_scale=0.0,
                           **kw)
   assert bool(jnp.all(jnp.isfinite(clean)))
-  guided = sampling.sample(jax.random.key(5), ORACLE.eps, SCHEDULE, [0, 1], classifier_scale=1.0,
-                           **kw)
-  assert not bool(jnp.all(jnp.isfinite(guided)))
+  with pytest.raises(errors.NonFiniteError, match="2 of 2 samples hold NaN"):
+    sampling.sample(jax.random.key(5), ORACLE.eps, SCHEDULE, [0, 1], classifier_scale=1.0, **kw)
 
 
 def test_an_eps_fn_of_the_wrong_shape_is_caught():
   with pytest.raises(AssertionError, match="shape"):
     sampling.sample(jax.random.key(0), lambda x, t, y: x[:, :1], SCHEDULE, [0, 1],
-                    image_shape=(2,), num_steps=2, guidance_scale=2.0, null_label=NULL)
+                    image_shape=(2,), num_steps=4, guidance_scale=2.0, null_label=NULL)
 
 
 # --- Timestep spacings, DPM-Solver++(2M) and diffusers --------------------------------------
@@ -280,7 +287,7 @@ def test_an_eps_fn_of_the_wrong_shape_is_caught():
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T)
 DIFF_SCHEDULE = schedules.from_betas(BETAS)  # the betas diffusers gets as trained_betas
-DIFF_ABAR = np.asarray(DIFF_SCHEDULE.alphas_cumprod, np.float64)
+DIFF_ABAR = np.cumprod(1 - BETAS)  # float64: the references never round ᾱ to float32
 _RNG = np.random.default_rng(1)
 _A = _RNG.standard_normal((4, 4)) * 0.3
 _W = _RNG.standard_normal((4,)) * 0.5
@@ -315,6 +322,108 @@ def test_default_leading_far_below_T_warns_and_keeps_todays_samples():
   with pytest.warns(UserWarning, match="trailing"):
     x = sampling.sample(jax.random.key(0), ORACLE.eps, SCHEDULE, [0, 1], **kw)
   assert x.shape == (2, 2)
+
+
+def _eps_jax_2d(x, t, y):
+  return jnp.tanh(x) * 0.5
+
+
+@pytest.mark.parametrize("schedule,num_steps,warns", [
+    (SCHEDULE, 2, True),  # T % n == 0, yet t = 500 has ᾱ = 0.08
+    (SCHEDULE, 4, False),  # t = 750: ᾱ = 3e-3 on the linear schedule
+    (schedules.cosine(1000), 4, True),  # the cosine schedule keeps ᾱ = 0.14 at t = 750
+    (schedules.cosine(1000), 10, True),  # t = 900: ᾱ = 0.024
+    (schedules.cosine(1000), 50, False),  # t = 980: ᾱ = 9e-4
+    (SCHEDULE, 7, False),  # T % n != 0, but t = 852 is pure noise already
+])
+def test_default_leading_warns_exactly_when_x_T_is_not_pure_noise(schedule, num_steps, warns):
+  """What matters is ᾱ at the first visited timestep, not whether num_steps divides T."""
+  kw = dict(image_shape=(2,), num_steps=num_steps, clip_denoised=False)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    sampling.sample(jax.random.key(0), _eps_jax_2d, schedule, [0], **kw)
+  assert any("is not pure noise" in str(w.message) for w in caught) == warns
+  # trailing starts at T − 1 for every num_steps: never a warning, never an error.
+  sampling.check_options(schedule, num_steps=num_steps, timestep_spacing="trailing")
+  if warns:
+    with pytest.raises(errors.InputError, match="use timestep_spacing='trailing'"):
+      sampling.check_options(schedule, num_steps=num_steps, timestep_spacing="leading")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(timestep_spacing="leading", num_steps=4), "use timestep_spacing='trailing'"),
+    (dict(dynamic_threshold=1.5), "dynamic_threshold must be a percentile"),
+    (dict(method="ddpm", eta=0.5), "eta applies to method='ddim' only"),
+    (dict(num_steps=1001), "num_steps must be an int in 1..1000"),
+    (dict(timestep_spacing="uniform"), "Unknown timestep_spacing"),
+])
+def test_check_options_runs_the_samplers_checks_without_sampling(kwargs, message):
+  with pytest.raises(errors.InputError, match=message):
+    sampling.check_options(schedules.cosine(1000), **kwargs)
+  sampling.check_options(schedules.cosine(1000), num_steps=4)  # the default only warns
+
+
+def test_out_of_range_labels_without_null_label_are_caught():
+  """An embedding looked up past its table gives NaN (nnx.Embed does): num_classes refuses
+  such labels up front, and without it the NaN samples raise instead of returning."""
+  table = jnp.asarray(np.random.default_rng(5).standard_normal((3, 2)), jnp.float32)
+
+  def embed_eps(x, t, y):  # like nnx.Embed: NaN rows out of range
+    return 0.1 * x + jnp.take(table, y, axis=0, mode="fill", fill_value=jnp.nan)
+
+  kw = dict(image_shape=(2,), num_steps=5, null_label=None)
+  with pytest.raises(errors.InputError, match="label 50 is out of range"):
+    sampling.sample(jax.random.key(0), embed_eps, SCHEDULE, [0, 50], num_classes=3, **kw)
+  with pytest.raises(errors.NonFiniteError, match="1 of 2 samples hold NaN"):
+    sampling.sample(jax.random.key(0), embed_eps, SCHEDULE, [0, 50], **kw)
+  # Inside the caller's jit the values are the caller's: no check, no error.
+  traced = jax.jit(lambda y: sampling.sample(jax.random.key(0), embed_eps, SCHEDULE, y, **kw))
+  assert np.isnan(np.asarray(traced(jnp.array([0, 50])))[1]).all()
+  ok = sampling.sample(jax.random.key(0), embed_eps, SCHEDULE, [0, 2], num_classes=3, **kw)
+  assert np.isfinite(np.asarray(ok)).all()
+
+
+def test_short_linear_schedule_samples_finite_values():
+  """linear(20) would end at β = 1 (ᾱ_T = 0, x0 = x/0); β is capped at 0.999 instead."""
+  schedule = schedules.linear(20)
+  assert 0 < float(schedule.alphas_cumprod[-1]) < 1e-3
+  for method in sampling.METHODS:
+    x = sampling.sample(jax.random.key(0), _eps_jax_2d, schedule, [0, 0], image_shape=(2,),
+                        num_steps=20, method=method, clip_denoised=False,
+                        timestep_spacing="trailing")
+    assert np.isfinite(np.asarray(x)).all()
+
+
+@pytest.mark.parametrize("t,t_prev", [(1, 0), (5, 2), (20, 0), (40, 20), (500, 400), (0, -1)])
+def test_steps_match_float64_near_t0(t, t_prev):
+  """Near t = 0, 1 − ᾱ in float32 keeps about four digits (ᾱ_0 = 0.9999), which cost the
+  DDPM step 1e-4: every step must take sqrt(1 − ᾱ) and β from the float64-derived tables."""
+  abar = np.cumprod(1 - BETAS)  # float64
+  a, a_prev = abar[t], (abar[t_prev] if t_prev >= 0 else 1.0)
+  rng = np.random.default_rng(4)
+  x_t, eps, z, g = (rng.standard_normal((1, 4)).astype(np.float32) for _ in range(4))
+  x, e, noise = (v.astype(np.float64) for v in (x_t, eps, z))
+  beta = 1 - a / a_prev
+  x0 = (x - np.sqrt(1 - a) * e) / np.sqrt(a)
+  want_ddpm = ((np.sqrt(a_prev) * beta * x0 + np.sqrt(1 - beta) * (1 - a_prev) * x) / (1 - a)
+               + np.sqrt(beta * (1 - a_prev) / (1 - a)) * noise)
+  eta = 0.5
+  sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * beta)
+  want_ddim = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - sigma**2) * e + sigma * noise
+  t_b, t_prev_b = jnp.array([t]), jnp.array([t_prev])
+  got_ddpm = sampling.ddpm_step(DIFF_SCHEDULE, x_t, t_b, t_prev_b, eps, None, z, False)
+  got_ddim = sampling.ddim_step(DIFF_SCHEDULE, x_t, t_b, t_prev_b, eps, None, eta, z, False)
+  np.testing.assert_allclose(got_ddpm, want_ddpm, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got_ddim, want_ddim, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(sampling.score_shift(DIFF_SCHEDULE, t_b, g),
+                             np.sqrt(1 - a) * g.astype(np.float64), rtol=1e-6)
+  if t_prev >= 0:  # a first-order DPM-Solver++ step (the first of a run)
+    lam = lambda v: 0.5 * np.log(v / (1 - v))
+    h = lam(a_prev) - lam(a)
+    want = np.sqrt((1 - a_prev) / (1 - a)) * x - np.sqrt(a_prev) * np.expm1(-h) * x0
+    got, _ = sampling.dpmpp_2m_step(DIFF_SCHEDULE, x_t, t_b, t_prev_b, jnp.array([-1]), eps,
+                                    None, jnp.zeros_like(x_t), False)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def _x_T():

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cfg_jax import data, distributed, errors, generate, io, pipeline
+from cfg_jax import data, distributed, errors, generate, io, pipeline, sampling
 from cfg_jax.evaluation import METRIC_NAMES, MIN_SAMPLES, evaluate, format_table
 from cfg_jax.evaluation import evalnet as evalnet_lib
 
@@ -58,6 +58,10 @@ def run_sweep(*, workdir: str, guidance_scales: Sequence[float] = (),
                             "none.")
   generate.check_sample_options(model, batch_size=batch_size, num_steps=num_steps, method=method,
                                 classifier_base_guidance=classifier_base_guidance)
+  # The sampler's own checks, before the evaluation network may be trained.
+  checked = {k: sample_options[k] for k in ("eta", "timestep_spacing", "dynamic_threshold")
+             if k in sample_options}
+  sampling.check_options(model.schedule, method=method, num_steps=num_steps, **checked)
   rule = dict(rule or {})
   guided = None
   if guidance_scales:  # built before the evaluation network: bad flags fail fast
