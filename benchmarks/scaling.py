@@ -5,9 +5,10 @@
         python benchmarks/scaling.py --config configs/digits.py
   done
 
-Training: `loop.fit`'s jitted step over a mesh of every device (batch sharded). Sampling:
-`generate.generate` (DDIM, γ = 3), the batch sharded the same way. Untrained weights:
-speed does not depend on them. Prints one JSON line.
+Training: `loop.fit`'s jitted step over a mesh of every device (batch sharded), dispatched
+as `loop.run_loop` does (one step in flight on several CPU devices of one process).
+Sampling: `generate.generate` (DDIM, γ = 3), the batch sharded the same way. Untrained
+weights: speed does not depend on them. Prints one JSON line.
 """
 
 import json
@@ -45,6 +46,8 @@ def main(argv):
   step = loop.jit_data_parallel(
       diffusion_training.make_train_step(graphdef, tx, schedules.from_config(config.diffusion),
                                          config), mesh)
+  # As in training: on several CPU devices of one process, queued steps can deadlock.
+  step = loop.one_step_in_flight(step, mesh)
   state = loop.replicate(loop.init_state(params, tx, with_ema=True), mesh)
   batches = data.batches(split, config.train.batch_size, config.seed)
   key = jax.random.key(0)

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Iterable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
-from cfg_jax import errors
+from cfg_jax import distributed, errors
 
 
 class CheckpointError(errors.UserError):
   """A checkpoint that is missing, unreadable or made with another config."""
+
+
+class CheckpointMismatchError(errors.UserError):
+  """A checkpoint that reads fine but holds another state (written by other code)."""
 
 
 def manager(directory: str, max_to_keep: Optional[int] = 3, create: bool = True,
@@ -40,7 +45,12 @@ def save(mngr, step: int, state, config_dict: dict) -> None:
 
 
 def restore(mngr, abstract_state, step: Optional[int] = None):
-  """(state, saved config dict) of `step` (default: the latest)."""
+  """(state, saved config dict) of `step` (default: the latest).
+
+  A checkpoint that cannot be read or decoded raises `CheckpointError`. One that reads fine
+  but does not fit `abstract_state` (another tree structure or shape: a code change, not a
+  damaged disk) raises `CheckpointMismatchError`, which `resume` does not fall back from.
+  """
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"No checkpoint in {mngr.directory}; train one first with "
@@ -48,10 +58,30 @@ def restore(mngr, abstract_state, step: Optional[int] = None):
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()))
-  except Exception as e:  # Orbax raises many types for a damaged or mismatched checkpoint.
+  except Exception as e:  # Orbax raises many types (mostly ValueError) for either cause.
+    if _readable(str(mngr.directory), step):
+      raise CheckpointMismatchError(
+          f"The checkpoint at step {step} in {mngr.directory} reads fine but holds another "
+          f"state than this code builds ({type(e).__name__}: {str(e).splitlines()[0][:200]});"
+          " train in a new --workdir, or use the cfg_jax version that wrote it.") from e
     raise CheckpointError(f"Cannot read the checkpoint at step {step} in {mngr.directory} "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
   return restored.state, restored.config
+
+
+def _readable(directory: str, step: int) -> bool:
+  """Whether the state and config of `step` read and decode as saved (no target)."""
+  mngr = manager(directory, create=False)  # its own: a manager keeps each item's handler
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # "sharding info not provided": no target, as meant
+      mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(),
+                                                 config=ocp.args.JsonRestore()))
+  except Exception:  # pylint: disable=broad-except
+    return False
+  finally:
+    mngr.close()
+  return True
 
 
 def restore_subtree(directory: str, name: str, abstract_tree, step: Optional[int] = None):
@@ -117,8 +147,9 @@ def resume(mngr, state, config_dict: dict, keys: Iterable[str]):
   that the config entries `keys` agree with the saved config.
 
   An unreadable latest checkpoint (a damaged disk, a crash the atomic save did not cover)
-  is moved aside (`<dir>-unreadable-step<N>`, kept for inspection) and the one before it
-  is used, with a message saying so.
+  is moved aside (`<dir>-unreadable-step<N>`, kept for inspection; by process 0, while the
+  others wait) and the one before it is used, with a message saying so. A readable one that
+  does not fit `state` is an error, never moved (see `restore`).
   """
   from cfg_jax import console
 
@@ -138,7 +169,9 @@ def resume(mngr, state, config_dict: dict, keys: Iterable[str]):
       raise CheckpointError(f"{failure} No earlier checkpoint to fall back to; remove "
                             f"{mngr.directory} to start over.") from failure
     aside = f"{str(mngr.directory).rstrip(os.sep)}-unreadable-step{step}"
-    os.replace(os.path.join(str(mngr.directory), str(step)), aside)
+    if distributed.is_main():  # the processes of a job share the workdir: one moves it
+      os.replace(os.path.join(str(mngr.directory), str(step)), aside)
+    distributed.barrier(f"cfg_jax: {mngr.directory} step {step} moved aside")
     mngr.reload()
     console.say(f"The checkpoint at step {step} is unreadable ({failure}); moved it to "
                 f"{aside} and falling back to step {steps[i + 1]}.")

@@ -64,7 +64,6 @@ def parse_flags_or_exit(argv):
     _exit_with(e)
 
 
-
 def config_value(holder):
   """The `--config` flag's ConfigDict; a file that cannot be loaded is a ConfigError."""
   try:
@@ -107,18 +106,28 @@ def enable_compilation_cache() -> None:
 def start(argv):
   """What every entry point does first: reject stray arguments, set the XLA:CPU flags
   (before anything starts JAX's backend), join the other processes of a multi-host job,
-  quiet the console (details with --verbosity=1), and keep freed memory in the heap."""
-  from absl import app, flags
+  quiet the console (details with --verbosity=1), and keep freed memory in the heap.
+
+  A stray argument or a malformed multi-process environment ends as any user error does:
+  one line on stderr, exit status 2.
+  """
+  from absl import flags
 
   from cfg_jax import distributed
 
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  run_or_exit(lambda: reject_arguments(argv))
   xla_flags.configure()
   enable_compilation_cache()
-  distributed.maybe_initialize(flags.FLAGS.multihost)
+  run_or_exit(lambda: distributed.maybe_initialize(flags.FLAGS.multihost))
   console.setup(verbose=flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1)
   tune_allocator()
+
+
+def reject_arguments(argv) -> None:
+  """Every input is a flag: anything after the program name is an InputError."""
+  if len(argv) > 1:
+    raise errors.InputError(f"unexpected argument(s) {' '.join(argv[1:])!r}; every option is "
+                            "a flag, e.g. --workdir runs/x (see --help).")
 
 
 def run_or_exit(fn):

@@ -12,7 +12,7 @@ import numbers
 from cfg_jax import data, errors
 
 SCHEDULES = ("linear", "cosine")  # the names `cfg_jax.schedules.get` knows
-SAMPLING_METHODS = ("ddim", "ddpm")
+SAMPLING_METHODS = ("ddim", "ddpm", "dpmpp_2m")  # `cfg_jax.sampling.METHODS`, kept JAX-free
 LR_DECAYS = ("constant", "cosine")  # `cfg_jax.train.loop.LR_DECAYS`, kept here JAX-free
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -30,6 +30,7 @@ def validate(config) -> None:
   _int(train, "log_every", "train", low=1)
   _int(train, "checkpoint_every", "train", low=1)
   _int(train, "max_checkpoints_to_keep", "train", low=1)
+  _steps(train.get("keep_steps", ()), "train.keep_steps")
   _number(train, "ema_decay", "train", low=0, high=1, high_open=True)
   if train.get("dtype", "float32") not in COMPUTE_DTYPES:
     _fail("train.dtype", f"is {train.dtype!r}", f"choose one of {COMPUTE_DTYPES}")
@@ -40,10 +41,23 @@ def validate(config) -> None:
     _model(c.model, "classifier.model", spec)
     _optimizer(c.optimizer, "classifier.optimizer", c.num_steps)
   _sampling(config.sampling, config.diffusion.num_timesteps)
-  # Last: the one check that imports JAX (ᾱ_T ≈ 0 for the configured schedule and T).
+  # Last: the checks that import JAX (ᾱ_T ≈ 0 for the configured schedule and T; the grids'
+  # sampler options, checked by the sampler itself).
   from cfg_jax import schedules
 
-  schedules.from_config(config.diffusion)
+  _sampler_accepts(config, schedules.from_config(config.diffusion))
+
+
+def check_devices(config, device_count: int) -> None:
+  """Raises `ConfigError` unless every training batch splits evenly over `device_count`
+  devices (the global batch is sharded over all of them)."""
+  batches = {"train.batch_size": config.train.batch_size}
+  if config.classifier.num_steps > 0:
+    batches["classifier.batch_size"] = config.classifier.batch_size
+  for field, size in batches.items():
+    if size % device_count:
+      _fail(field, f"({size}) must be divisible by the {device_count} devices",
+            f"set --config.{field} to a multiple of {device_count}")
 
 
 def _fail(field: str, problem: str, fix: str) -> None:
@@ -123,6 +137,14 @@ def _optimizer(o, prefix, num_steps):
           f"({num_steps} in all)", "lower it, or set decay='constant'")
 
 
+def _steps(values, field):
+  """A tuple of step numbers, each an int >= 1 (e.g. train.keep_steps)."""
+  ok = isinstance(values, (tuple, list)) and all(
+      isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in values)
+  if not ok:
+    _fail(field, f"must be step numbers >= 1, got {values!r}", f"e.g. --config.{field}='(500,)'")
+
+
 def _sampling(s, num_timesteps):
   if s.method not in SAMPLING_METHODS:
     _fail("sampling.method", f"{s.method!r} is unknown", f"choose one of {SAMPLING_METHODS}")
@@ -136,3 +158,16 @@ def _sampling(s, num_timesteps):
     if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in s[name]):
       _fail(f"sampling.{name}", f"must be finite numbers, got {tuple(s[name])!r}",
             "fix the listed values")
+
+
+def _sampler_accepts(config, schedule) -> None:
+  """The sampler's own checks of the grids' options (DDPM with η > 0, say), so they fail
+  now and not after both trainings."""
+  from cfg_jax import sampling
+
+  s = config.sampling
+  try:
+    sampling.check_options(schedule, method=s.method, num_steps=s.num_steps, eta=s.eta)
+  except errors.InputError as e:
+    _fail("sampling", f"cannot draw the sample grids ({str(e).rstrip('.')})",
+          "fix --config.sampling.method, num_steps or eta")

@@ -6,7 +6,9 @@ off the console unless `--verbosity=1` and write in full to a log file in the wo
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
+import os
 import sys
 
 from absl import logging
@@ -28,12 +30,31 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class _QuietLibrary(std_logging.Filter):
+  """Drops a library's records below `level`. Orbax logs every save through absl, so a
+  logger level cannot reach them; the file each record comes from can."""
+
+  def __init__(self, level: int, package: tuple = ("orbax", "checkpoint")):
+    super().__init__()
+    # The installed package's path (…/orbax/checkpoint/…), not any folder named "orbax".
+    self.level, self.marker = level, os.sep + os.sep.join(package) + os.sep
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= self.level or self.marker not in record.pathname
+
+
 def setup(verbose: bool = False) -> None:
-  """Library INFO logs stay off the console unless `verbose`; absl keeps them for files."""
+  """Library INFO logs stay off the console unless `verbose`; absl keeps them for files.
+
+  Orbax's routine records (every save, "waiting for the previous save") stay off the
+  console below ERROR, or below WARNING with `verbose`.
+  """
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().setLevel(std_logging.INFO if verbose else std_logging.WARNING)
-  # Orbax logs every save at INFO; keep that out even of the file log.
-  std_logging.getLogger("orbax").setLevel(std_logging.WARNING)
+  handler = logging.get_absl_handler()
+  handler.setLevel(std_logging.INFO if verbose else std_logging.WARNING)
+  for old in [f for f in handler.filters if isinstance(f, _QuietLibrary)]:
+    handler.removeFilter(old)  # setup may run twice in one process (tests)
+  handler.addFilter(_QuietLibrary(std_logging.WARNING if verbose else std_logging.ERROR))
   try:
     import tensorflow_datasets as tfds
 
@@ -42,9 +63,18 @@ def setup(verbose: bool = False) -> None:
     pass
 
 
-def log_to_file(path: str) -> None:
-  """Appends every INFO-or-higher record of this process to `path` (e.g. workdir/train.log)."""
+@contextlib.contextmanager
+def logging_to(path: str):
+  """Appends every INFO-or-higher record of this process to `path` (e.g. workdir/train.log)
+  for the block; orbax's routine INFO records are left out."""
   handler = std_logging.FileHandler(path)
   handler.setLevel(std_logging.INFO)
+  handler.addFilter(_QuietLibrary(std_logging.WARNING))
   handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-  std_logging.getLogger().addHandler(handler)
+  root = std_logging.getLogger()
+  root.addHandler(handler)
+  try:
+    yield
+  finally:
+    root.removeHandler(handler)
+    handler.close()

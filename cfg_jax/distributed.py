@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cfg_jax import errors
+
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
 
@@ -48,9 +50,9 @@ def maybe_initialize(multihost: bool = False) -> bool:
                     num_processes=int(os.environ[ENV_COUNT]),
                     process_id=int(os.environ[ENV_ID]))
     except (KeyError, ValueError):
-      raise ValueError(f"{ENV_ADDRESS} is set, so {ENV_COUNT} and {ENV_ID} must be integers "
-                       f"too (got {os.environ.get(ENV_COUNT)!r}, "
-                       f"{os.environ.get(ENV_ID)!r}).") from None
+      raise errors.InputError(f"{ENV_ADDRESS} is set, so {ENV_COUNT} and {ENV_ID} must be "
+                              f"integers too (got {os.environ.get(ENV_COUNT)!r}, "
+                              f"{os.environ.get(ENV_ID)!r}).") from None
   jax.distributed.initialize(**kwargs)
   if _cpu_only():
     # Gloo gives peers 30 s to join a new communicator. Made now, while every process is

@@ -55,18 +55,57 @@ def grid(images: np.ndarray, num_rows: int, pad: int = 1) -> np.ndarray:
   return out
 
 
+class UnusablePathError(errors.UserError):
+  """An output path that cannot be written: a file where a folder must be, or no permission."""
+
+
 def check_output_free(path: str, overwrite: bool) -> None:
+  """Raises unless `path` can be written: absent (or `overwrite`) and in a usable folder.
+
+  Checked before any long work, so a bad output path never fails after it.
+  """
+  if os.path.isdir(path):
+    raise UnusablePathError(f"{path} is a folder; choose another output path.")
   if os.path.exists(path) and not overwrite:
     raise errors.OutputExistsError(f"{path} exists; pass --overwrite to replace it or choose "
                                    "another output path.")
+  check_folder_usable(os.path.dirname(os.path.abspath(path)), what=path)
+
+
+def check_folder_usable(folder: str, what: str, fix: str = "choose another output path") -> None:
+  """Raises `UnusablePathError` ("cannot write `what`: ...; `fix`.") unless `folder` is a
+  writable folder or could be made one.
+
+  Creates nothing: a folder made now would outlive a run that fails before writing to it.
+  """
+  existing = os.path.abspath(folder)
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UnusablePathError(f"cannot write {what}: {existing} is not a folder; {fix}.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UnusablePathError(f"cannot write {what}: {existing} is not writable; {fix}.")
+
+
+def make_folder(folder: str, fix: str = "choose another output path") -> None:
+  """`os.makedirs(folder, exist_ok=True)`, with a file in the way or a missing permission
+  as an `UnusablePathError`."""
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except (FileExistsError, NotADirectoryError, PermissionError) as e:
+    raise UnusablePathError(f"cannot create the folder {folder} ({e.strerror}); {fix}.") from None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
   """Yields a temporary path beside `path`, renamed onto it if the block succeeds."""
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=suffix, dir=directory, prefix=".tmp-")
+  make_folder(directory)
+  try:
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=directory, prefix=".tmp-")
+  except PermissionError as e:
+    raise UnusablePathError(f"cannot write in {directory} ({e.strerror}); choose another output "
+                            "path.") from None
   os.close(fd)
   try:
     yield tmp

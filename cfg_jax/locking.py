@@ -6,7 +6,7 @@ import contextlib
 import fcntl
 import os
 
-from cfg_jax import errors
+from cfg_jax import errors, io
 
 
 @contextlib.contextmanager
@@ -14,10 +14,16 @@ def exclusive(path: str, wait: bool = False, what: str = "this workdir"):
   """Holds an exclusive lock on `path` (created if absent) for the block.
 
   With `wait=False` a lock held elsewhere raises `WorkdirLockedError` at once, naming the
-  PID that holds it; with `wait=True` the block waits its turn.
+  PID that holds it; with `wait=True` the block waits its turn. A path that cannot hold the
+  lock (a file where its folder should be, no permission) raises `io.UnusablePathError`.
   """
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  fix = "choose another folder"
+  io.make_folder(os.path.dirname(os.path.abspath(path)), fix)
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+    raise io.UnusablePathError(f"cannot create the lock file {path} for {what} ({e.strerror}); "
+                               f"{fix}.") from None
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import logging
 import os
+
+from absl import logging
 
 # flag name -> value; only flags measured as a win go here (benchmarks/PERF_FINDINGS.md).
 # Two host devices on a 2-core CPU: one XLA:CPU device keeps both cores only ~140% busy on

@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import TINY_CONFIG, assert_one_line_error, run_cli
 
-pytestmark = pytest.mark.slow  # ~45 subprocesses and the shared trained workdir
+pytestmark = pytest.mark.slow  # ~60 subprocesses and the shared trained workdir
 
 TRAIN = ("train.py", "--config", TINY_CONFIG, "--workdir", "{work}")
 SAMPLE = ("sample.py", "--workdir", "{work}", "--num_steps", "2", "--out", "{tmp}/s.npz")
@@ -46,6 +46,18 @@ CASES = {
     "train unknown data set": (TRAIN + ("--config.data.name=nope",), "Unknown data set"),
     "train missing config": (("train.py", "--config", "{tmp}/nope.py", "--workdir", "{work}"),
                              "cannot load the --config file"),
+    "train keep_steps text": (TRAIN + ("--config.train.keep_steps=('x',)",), "train.keep_steps"),
+    "train keep_steps -1": (TRAIN + ("--config.train.keep_steps=(-1,)",), "train.keep_steps"),
+    "train keep_steps 1.5": (TRAIN + ("--config.train.keep_steps=(1.5,)",), "train.keep_steps"),
+    "train ddpm eta": (TRAIN + ("--config.sampling.method=ddpm", "--config.sampling.eta=0.5"),
+                       "eta applies to method='ddim' only"),
+    "train stray argument": (TRAIN + ("extra",), "unexpected argument(s) 'extra'"),
+    "train workdir is a file": (TRAIN[:-1] + ("{tmp}/existing.npz",), "is not a folder"),
+    "train workdir under a file": (TRAIN[:-1] + ("{tmp}/existing.npz/run",), "is not a folder"),
+    # The entry points run on 2 host devices (cfg_jax.xla_flags) on any multi-core CPU; a new
+    # workdir, so nothing but the device count stops it (and no folder may be left behind).
+    "train batch over devices": (TRAIN[:-1] + ("{tmp}/fresh", "--config.train.batch_size=15"),
+                                 "must be divisible by the 2 devices"),
     # train.py: contradicting the workdir it would resume
     "train other model": (TRAIN + ("--config.model.base_channels=16",),
                           "model.base_channels: saved 8, now 16"),
@@ -65,6 +77,8 @@ CASES = {
     "sample ddpm eta": (SAMPLE + ("--method", "ddpm", "--eta", "0.5"), "--eta applies"),
     "sample nan scale": (SAMPLE + ("--guidance_scale", "nan"), "scale must be a finite"),
     "sample no classifier": (SAMPLE + ("--classifier_workdir", "{tmp}/nothing"), "No checkpoint"),
+    "sample out under a file": (SAMPLE + ("--out", "{tmp}/existing.npz/x.npz"), "is not a folder"),
+    "sample out is a folder": (SAMPLE + ("--out", "{tmp}/done", "--overwrite"), "is a folder"),
     # evaluate.py
     "evaluate missing": (EVALUATE + ("{tmp}/missing.npz",), "No sample file"),
     "evaluate 2 samples": (EVALUATE + ("{tmp}/two.npz",), "at least 4 samples"),
@@ -110,9 +124,11 @@ def inputs(tmp_path_factory):
 
 
 def _digest(*roots):
+  """Every file's hash and mtime, and every folder (a new empty one counts as a change)."""
   out = {}
   for root in roots:
     for folder, _, files in os.walk(root):
+      out[folder] = "folder"
       for name in files:
         path = os.path.join(folder, name)
         with open(path, "rb") as f:
@@ -125,6 +141,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(name, tiny_workdir, in
                                                           monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(inputs / "cache"))  # never the user's cache
   args, text = CASES[name]
+  if name == "train batch over devices" and (os.cpu_count() or 1) < 2:
+    pytest.skip("one CPU core: the entry points run on one device, which divides any batch")
   args = [a.format(work=tiny_workdir, tmp=inputs) for a in args]
   before = _digest(tiny_workdir, inputs)
   result = run_cli(*args)

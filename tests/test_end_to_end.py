@@ -30,12 +30,28 @@ def test_training_writes_checkpoints_metrics_and_grids(workdir):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
 
 
+def _files(folder):
+  """{relative path: (size, mtime)} of every file under `folder`."""
+  return {os.path.relpath(os.path.join(root, name), folder):
+          (os.stat(os.path.join(root, name)).st_size,
+           os.stat(os.path.join(root, name)).st_mtime_ns)
+          for root, _, names in os.walk(folder) for name in names}
+
+
 def test_resume_and_contradicting_config(workdir):
+  """What the README promises of a re-run: checkpoints resumed, never rewritten; the sample
+  grids rewritten from the final model."""
+  before = _files(workdir)
   result = run("train.py", *TINY, "--workdir", workdir, "--config.train.num_steps=6",
                "--config.classifier.num_steps=0")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resuming diffusion from step 4" in result.stderr
   assert "6" in os.listdir(workdir / "checkpoints")
+  after = _files(workdir)
+  for step in ("2", "4"):
+    kept = {k: v for k, v in before.items() if k.startswith(os.path.join("checkpoints", step))}
+    assert kept and all(after[k] == v for k, v in kept.items()), step
+  assert after["samples_cfg_3.png"][1] > before["samples_cfg_3.png"][1]  # the step-6 model's
   before = sorted(os.listdir(workdir / "checkpoints"))
   result = run("train.py", *TINY, "--workdir", workdir, "--config.model.base_channels=16")
   assert_one_line_error(result, "model.base_channels: saved 8, now 16")

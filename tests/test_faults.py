@@ -111,6 +111,72 @@ def test_injected_nan_stops_and_keeps_the_last_good_checkpoint(tiny_workdir, tmp
   assert int(state.step) == last + 2
 
 
+def _tiny_checkpoints(directory, steps=(1, 2)):
+  """A manager holding a small state at `steps`, and that state."""
+  state = {"w": jax.numpy.arange(3.0), "b": {"c": jax.numpy.ones((2, 2))}}
+  mngr = checkpoints.manager(str(directory))
+  for step in steps:
+    checkpoints.save(mngr, step, state, {"seed": 0})
+  mngr.wait_until_finished()
+  return mngr, state
+
+
+def _garble(step_dir):
+  for path in (step_dir / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+
+
+def test_a_state_that_does_not_fit_is_a_mismatch_and_moves_no_checkpoint(tmp_path):
+  """Another tree structure reads fine without a target: not "unreadable", nothing moved."""
+  mngr, state = _tiny_checkpoints(tmp_path / "ckpt")
+  other = {"w": state["w"], "extra": state["w"]}  # as if the code's state had changed
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="new --workdir") as info:
+    checkpoints.resume(mngr, other, {"seed": 0}, ("seed",))
+  assert not isinstance(info.value, checkpoints.CheckpointError)  # no fallback from this one
+  assert "tree structures do not match" in str(info.value)
+  assert mngr.all_steps() == [1, 2] and sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_only_process_0_moves_an_unreadable_checkpoint_aside(tmp_path, monkeypatch):
+  """Process i > 0 leaves the move to process 0, waits at a barrier, then reloads."""
+  from cfg_jax import distributed
+
+  mngr, state = _tiny_checkpoints(tmp_path / "ckpt")
+  _garble(tmp_path / "ckpt" / "2")
+  aside = tmp_path / "ckpt-unreadable-step2"
+  barriers = []
+
+  def process_0_moves_it_meanwhile(name):
+    barriers.append(name)
+    os.replace(tmp_path / "ckpt" / "2", aside)
+
+  monkeypatch.setattr(distributed, "is_main", lambda: False)
+  monkeypatch.setattr(distributed, "barrier", process_0_moves_it_meanwhile)
+  restored = checkpoints.resume(mngr, state, {"seed": 0}, ("seed",))
+  assert len(barriers) == 1 and aside.is_dir()
+  assert mngr.all_steps() == [1]
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  monkeypatch.undo()  # as process 0 itself: it moves the folder, and the barrier is a no-op
+  mngr, state = _tiny_checkpoints(tmp_path / "again")
+  _garble(tmp_path / "again" / "2")
+  checkpoints.resume(mngr, state, {"seed": 0}, ("seed",))
+  assert (tmp_path / "again-unreadable-step2").is_dir() and mngr.all_steps() == [1]
+
+
+def test_several_processes_never_train_the_evaluation_network(tmp_path, monkeypatch):
+  """The lock holder would enter collectives alone: a clear error names the command."""
+  from cfg_jax import distributed
+  from cfg_jax.evaluation import evalnet
+
+  monkeypatch.setattr(distributed, "process_count", lambda: 2)
+  directory = tmp_path / "evalnet" / "digits"
+  with pytest.raises(errors.UserError, match="train it once in a single process: python -c "
+                     r"\"from cfg_jax.evaluation import evalnet; evalnet.load_or_train"):
+    evalnet.load_or_train("digits", str(directory))
+  assert not (tmp_path / "evalnet").exists()  # no lock file, no folder
+
+
 def _digest(directory):
   import hashlib
 

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from cfg_jax import errors, io
-
+from cfg_jax import errors, io, locking
 
 
 def test_uint8_round_trip_and_clipping():
@@ -45,3 +44,34 @@ def test_grid_beside_is_capped(tmp_path):
   samples = np.zeros((500, 2, 2, 1), np.uint8)
   path = io.save_grid_beside(str(tmp_path / "s.npz"), samples, np.arange(500) % 10)
   assert Image.open(path).size == ((10 * 3 + 1) * 4,) * 2  # 100 images: 10 × 10
+
+
+def test_an_output_under_a_file_is_one_user_error_before_anything_is_written(tmp_path):
+  blocker = tmp_path / "notes.txt"
+  blocker.write_text("precious")
+  for check in (lambda: io.check_output_free(str(blocker / "x.npz"), overwrite=False),
+                lambda: io.check_output_free(str(blocker / "deeper" / "x.npz"), overwrite=True),
+                lambda: io.check_folder_usable(str(blocker / "run"), "the workdir", "fix it")):
+    with pytest.raises(io.UnusablePathError, match="notes.txt is not a folder"):
+      check()
+  with pytest.raises(io.UnusablePathError, match="is a folder"):
+    io.check_output_free(str(tmp_path), overwrite=True)
+  io.check_output_free(str(tmp_path / "new" / "folder" / "x.npz"), overwrite=False)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the checks create nothing
+
+
+def test_writes_and_locks_under_a_file_raise_user_errors_not_os_errors(tmp_path):
+  blocker = tmp_path / "notes.txt"
+  blocker.write_text("precious")
+  with pytest.raises(io.UnusablePathError, match="cannot create the folder"):
+    with io.atomic_path(str(blocker / "x.png")):
+      pass
+  with pytest.raises(io.UnusablePathError, match="cannot create the folder"):
+    with locking.exclusive(str(blocker / "train.lock")):
+      pass
+  (tmp_path / "train.lock").mkdir()  # a folder where the lock file belongs
+  with pytest.raises(io.UnusablePathError, match="cannot create the lock file"):
+    with locking.exclusive(str(tmp_path / "train.lock")):
+      pass
+  assert issubclass(io.UnusablePathError, errors.UserError)
+  assert blocker.read_text() == "precious"

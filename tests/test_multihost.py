@@ -1,8 +1,10 @@
-"""A real multi-process run on this machine: 2 processes × 2 CPU devices, over gloo.
+"""Real multi-process runs on this machine: 2 processes × 2 CPU devices, over gloo.
 
-Trains the tiny config (checkpoint at step 2, resume to 4) and samples, then compares with
-1 process × 4 devices and 1 process × 1 device: losses and parameters to float tolerance,
-samples identical.
+1. The library (`tests/multihost_worker.py`): trains the tiny config (checkpoint at step 2,
+   resume to 4) and samples, then compares with 1 process × 4 devices and 1 process × 1
+   device: losses and parameters to float tolerance, samples identical.
+2. The README's recipe, literally: `train.py` in 2 processes, then `sample.py` on that
+   workdir in 2 processes and in 1; the two `.npz` files must be byte-identical.
 """
 
 import os
@@ -18,6 +20,10 @@ from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = int(os.environ.get("CFG_JAX_MULTIHOST_TIMEOUT", 900))  # a loaded 2-core CI box
+# The README's "Two processes on one machine" commands, as printed there (checked below).
+TRAIN_RECIPE = "python train.py --config configs/digits_tiny.py --workdir runs/mh"
+SAMPLE_RECIPE = ("python sample.py --workdir runs/mh --out runs/mh.npz --num_steps 4 "
+                 "--timestep_spacing trailing")
 
 
 def free_port() -> int:
@@ -26,9 +32,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(tmp_path, name, processes, devices_each):
-  """Starts `processes` workers; returns [(Popen, log path)] and the result path."""
-  workdir, out = tmp_path / name, tmp_path / f"{name}.npz"
+def spawn(tmp_path, name, argv, processes, devices_each, extra_env=()):
+  """Starts `argv` as `processes` JAX processes on localhost, each with `devices_each` CPU
+  devices (a coordinator on a free port when more than one); returns [(Popen, log path)].
+  `extra_env(i)` adds process i's own variables."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
   for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
@@ -39,13 +46,23 @@ def launch(tmp_path, name, processes, devices_each):
   children = []
   for i in range(processes):
     log = tmp_path / f"{name}.{i}.log"
-    # A persistent compilation cache per process: the resumed fit reuses the first compile.
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / f"jit-cache-{name}-{i}")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.multihost_worker", str(workdir), str(out)], cwd=REPO,
-        env={**env, **cache, **({"JAX_PROCESS_ID": str(i)} if processes > 1 else {})},
-        stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    with open(log, "w") as log_file:  # the child keeps its own copy of the descriptor
+      proc = subprocess.Popen(
+          argv, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+          env={**env, **dict(extra_env(i) if extra_env else {}),
+               **({"JAX_PROCESS_ID": str(i)} if processes > 1 else {})})
     children.append((proc, log))
+  return children
+
+
+def launch(tmp_path, name, processes, devices_each):
+  """Starts `processes` workers; returns [(Popen, log path)] and the result path."""
+  workdir, out = tmp_path / name, tmp_path / f"{name}.npz"
+  # A persistent compilation cache per process: the resumed fit reuses the first compile.
+  children = spawn(
+      tmp_path, name, [sys.executable, "-m", "tests.multihost_worker", str(workdir), str(out)],
+      processes, devices_each,
+      lambda i: {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / f"jit-cache-{name}-{i}")})
   return children, out
 
 
@@ -88,3 +105,33 @@ def test_multihost_2x2_matches_one_process(tmp_path):
     for k in leaves:
       np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=f"{name} {k}")
     np.testing.assert_array_equal(got["samples"], ref["samples"], err_msg=name)
+
+
+def run_recipe(tmp_path, name, command, processes):
+  """Runs a README command (runs/mh → tmp_path/mh) as `processes` processes × 2 devices."""
+  args = command.replace("runs/", f"{tmp_path}/").replace(".npz", f"-{name}.npz").split()
+  # No evaluation network in this cache: nothing to judge, nothing trained for it.
+  children = spawn(tmp_path, name, [sys.executable, *args[1:]], processes, 2,
+                   lambda i: {"XDG_CACHE_HOME": str(tmp_path / "cache")})
+  wait_all(children, TIMEOUT_S)
+  return [open(log).read() for _, log in children]
+
+
+def test_readme_recipe_trains_in_2_processes_and_samples_like_1(tmp_path):
+  readme = open(os.path.join(REPO, "README.md")).read()
+  assert TRAIN_RECIPE in readme and SAMPLE_RECIPE in readme, "README and test disagree"
+  from cfg_jax import data
+
+  data.load_split("digits", "train")  # prepared once here; the processes only read it
+  logs = run_recipe(tmp_path, "train", TRAIN_RECIPE, processes=2)
+  assert "[process 1/2] Training on digits" in logs[1], logs[1][-3000:]
+  work = tmp_path / "mh"
+  assert {"samples_cfg_3.png", "samples_classifier_1.png", "train.log",
+          "train.process1.log"} <= set(os.listdir(work))
+  assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"]
+  run_recipe(tmp_path, "2x2", SAMPLE_RECIPE, processes=2)
+  run_recipe(tmp_path, "1x2", SAMPLE_RECIPE, processes=1)
+  two, one = (open(tmp_path / f"mh-{name}.npz", "rb").read() for name in ("2x2", "1x2"))
+  assert two == one
+  with np.load(tmp_path / "mh-1x2.npz") as f:
+    assert f["arr_0"].shape == (100, 8, 8, 1)  # sample.py's default --num_samples

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from cfg_jax import checkpoints, data, errors, io, locking, models
+from cfg_jax import checkpoints, data, distributed, errors, io, locking, models
 from cfg_jax.models.evalnet import EvalCNN
 from cfg_jax.train import loop
 
@@ -35,7 +35,7 @@ def _create(dataset: str, settings: dict, abstract: bool = False):
           settings["features"], settings["dropout"])
   if abstract:
     return models.abstract(*args)
-  return models.create(*args, seed=loop.rng_streams(settings["seed"]).init)
+  return models.create(*args, seed=loop.key_streams(settings["seed"]).init)
 
 
 def _loss_fn(graphdef):
@@ -84,13 +84,26 @@ def load_or_train(dataset: str, directory: Optional[str] = None, data_dir: Optio
 
   Training holds a lock beside `directory` (a second process waits, then loads what the
   first saved) and happens in a temporary folder renamed onto `directory` when complete, so
-  `directory` never holds a half-written network.
+  `directory` never holds a half-written network. The processes of one multi-process job
+  only load it: a network not yet trained is a `UserError` naming the command to train it.
   """
   directory = os.path.abspath(directory or default_directory(dataset))
   settings = {**DEFAULTS, **overrides, "dataset": dataset}
   net = _load_checked(dataset, directory, settings)
   if net is not None:
     return net
+  if distributed.process_count() > 1:
+    # Training it is one process's job: the lock holder would enter collectives alone.
+    args = [repr(dataset)]
+    if directory != os.path.abspath(default_directory(dataset)):
+      args.append(repr(directory))
+    if data_dir:
+      args.append(f"data_dir={data_dir!r}")
+    raise errors.UserError(
+        f"The {dataset} evaluation network is not trained yet ({directory} holds none), and a "
+        "multi-process run cannot train it; train it once in a single process: python -c "
+        f"\"from cfg_jax.evaluation import evalnet; evalnet.load_or_train({', '.join(args)})\", "
+        "then run this again.")
   with locking.exclusive(directory + ".lock", wait=True, what=f"evaluation network {directory}"):
     net = _load_checked(dataset, directory, settings)  # trained while we waited
     if net is not None:

@@ -80,7 +80,7 @@ def train(config, workdir: str, train_split: data.Split, mesh=None):
   """Trains (or resumes) the noisy classifier; returns it as `classifier_fn(x_t, t)`."""
   c = config.classifier
   seed = config.seed + 1  # its own seed: not the diffusion model's batches or keys
-  graphdef, params = create_classifier(config, loop.rng_streams(seed).init)
+  graphdef, params = create_classifier(config, loop.key_streams(seed).init)
   schedule = schedules.from_config(config.diffusion)
   loss_fn = make_loss_fn(graphdef, schedule, config.train.get("dtype", "float32"))
   state = loop.fit(

@@ -28,7 +28,7 @@ def state_sections(config) -> tuple:
 
 def create_unet(config, seed):
   """(graphdef, params) of a freshly initialised UNet for `config`; `seed` is an int or a
-  key (training uses `loop.rng_streams(config.seed).init`)."""
+  key (training uses `loop.key_streams(config.seed).init`)."""
   return models.create(unet.UNet, models.model_config(config), seed=seed)
 
 
@@ -61,7 +61,7 @@ def make_train_step(graphdef, tx, schedule, config):
 
 def train(config, workdir: str, train_split: data.Split, mesh=None):
   """Trains (or resumes) the diffusion model; returns (graphdef, final TrainState)."""
-  graphdef, params = create_unet(config, loop.rng_streams(config.seed).init)
+  graphdef, params = create_unet(config, loop.key_streams(config.seed).init)
   state = loop.fit(
       description="diffusion",
       loss_fn=make_loss_fn(graphdef, schedules.from_config(config.diffusion), config),

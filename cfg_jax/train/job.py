@@ -3,20 +3,23 @@ sample grids, with a short account on the console and the details in `workdir/tr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from typing import Optional
 
 import jax
 import numpy as np
 from jax.tree_util import Partial
 
-from cfg_jax import (checkpoints, config_checks, console, data, distributed, generate, io,
-                     locking, models, pipeline)
+from cfg_jax import (checkpoints, config_checks, console, data, distributed, errors, generate,
+                     io, locking, models, pipeline)
 from cfg_jax.train import classifier as classifier_training
 from cfg_jax.train import diffusion as diffusion_training
 
 
 LOCK_FILE = "train.lock"
+LOG_FILE = "train.log"  # process 0's; process i > 0 writes train.process{i}.log
 
 
 def sample_grid(path: str, model: pipeline.Pipeline, seed: int, **sample_options):
@@ -33,26 +36,66 @@ def sample_grid(path: str, model: pipeline.Pipeline, seed: int, **sample_options
 def train_and_evaluate(config, workdir: str) -> None:
   """Trains both networks in `workdir` (resuming where it stopped) and writes the grids.
 
-  The config is checked first, then (read-only) against the workdir's checkpoints, so a
-  bad one changes no file. The workdir is then locked: a second run on it is refused.
+  The config is checked first (values, then the device count, then, read-only, against the
+  workdir's checkpoints), so a bad one changes no file. The workdir is then locked: a
+  second run on it is refused. A workdir made for this run and left with nothing but the
+  lock and the log by a `UserError` is removed again.
   """
   started = time.perf_counter()
   config_checks.validate(config)
+  config_checks.check_devices(config, jax.device_count())
+  io.check_folder_usable(workdir, f"the workdir {workdir}", "choose another --workdir")
   for directory, sections in (
       (diffusion_training.CHECKPOINT_DIR, diffusion_training.state_sections(config)),
       (classifier_training.CHECKPOINT_DIR, classifier_training.state_sections(config))):
     checkpoints.check_resumable(os.path.join(workdir, directory), config.to_dict(), sections)
-  if not distributed.is_main():  # the processes of one job share the workdir: 0 holds the lock
-    return _train_and_evaluate(config, workdir, started)
-  with locking.exclusive(os.path.join(workdir, LOCK_FILE), what=f"workdir {workdir}"):
-    _train_and_evaluate(config, workdir, started)
+  created = _first_missing(workdir)
+  with contextlib.ExitStack() as stack:
+    if distributed.is_main():  # the processes of one job share the workdir: 0 holds the lock
+      stack.enter_context(locking.exclusive(os.path.join(workdir, LOCK_FILE),
+                                            what=f"workdir {workdir}"))
+    # From here on this run holds the lock, so the clean-up below can only ever remove its
+    # own start-up files, never those of a run that holds the workdir.
+    try:
+      io.make_folder(workdir, "choose another --workdir")
+      index = distributed.process_index()
+      with console.logging_to(os.path.join(
+          workdir, f"train.process{index}.log" if index else LOG_FILE)):
+        _train_and_evaluate(config, workdir, started)
+    except errors.UserError:
+      if created is not None and distributed.is_main():
+        _remove_if_only_startup_files(workdir, created)
+      raise
+
+
+def _first_missing(path: str) -> Optional[str]:
+  """The outermost folder of `path` that does not exist yet (None if `path` exists)."""
+  path, missing = os.path.abspath(path), None
+  while not os.path.lexists(path):
+    path, missing = os.path.dirname(path), path
+  return missing
+
+
+def _remove_if_only_startup_files(workdir: str, created: str) -> None:
+  """Removes `workdir` and the folders made for it, up to `created`, if it holds only the
+  lock and the log: a failed first run then leaves no trace beside its error message."""
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir) or not set(os.listdir(workdir)) <= {LOCK_FILE, LOG_FILE}:
+    return
+  try:
+    for name in os.listdir(workdir):
+      os.remove(os.path.join(workdir, name))
+    folder = workdir
+    while True:
+      os.rmdir(folder)  # fails, and so stops, on a folder someone else has put files in
+      if folder == created:
+        return
+      folder = os.path.dirname(folder)
+  except OSError:
+    return  # best effort: the user's error message matters more than a leftover folder
 
 
 def _train_and_evaluate(config, workdir: str, started: float) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  index = distributed.process_index()
-  console.log_to_file(os.path.join(workdir, f"train.process{index}.log" if index else
-                                   "train.log"))
   devices = jax.devices()
   train_split = data.open_split(config.data.name, "train", config.data.data_dir or None,
                                 config.data.download, config.data.get("streaming", False))

@@ -53,7 +53,7 @@ def init_state(params, tx, with_ema: bool = False) -> TrainState:
   return TrainState(jnp.zeros((), jnp.int32), params, ema_params, tx.init(params))
 
 
-class RngStreams(NamedTuple):
+class KeyStreams(NamedTuple):
   """Independent randomness for one trainer, split once from its seed."""
 
   init: jax.Array  # parameter initialisation
@@ -61,14 +61,14 @@ class RngStreams(NamedTuple):
   data: int  # seed of the batch order
 
 
-def rng_streams(seed: int) -> RngStreams:
+def key_streams(seed: int) -> KeyStreams:
   """Splits `key(seed)` once into separate streams.
 
   Deriving both the init keys (`nnx.Rngs` folds in 0, 1, …) and the step keys (folded with
   the step) from `key(seed)` itself would make step k reuse the k-th init key.
   """
   init, train, data_key = jax.random.split(jax.random.key(seed), 3)
-  return RngStreams(init, train, int(jax.random.randint(data_key, (), 0, 2**31 - 1)))
+  return KeyStreams(init, train, int(jax.random.randint(data_key, (), 0, 2**31 - 1)))
 
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -241,8 +241,8 @@ def fit(
 ) -> TrainState:
   """Trains `params` with `loss_fn` on `split` to `num_steps`; the final TrainState.
 
-  The step key and the batch order derive from `seed` (its `rng_streams`: create `params`
-  from `rng_streams(seed).init`) and the step, so a resumed run repeats an uninterrupted one
+  The step key and the batch order derive from `seed` (its `key_streams`: create `params`
+  from `key_streams(seed).init`) and the step, so a resumed run repeats an uninterrupted one
   exactly. With `checkpoint_dir`, training resumes from its latest checkpoint (after
   `state_sections` of `config` are checked against the saved config) and saves every
   `checkpoint_every` steps and at the end; `log_every`, `checkpoint_every` and the number
@@ -254,7 +254,7 @@ def fit(
   if config is not None:
     log_every = log_every or config.train.log_every
     checkpoint_every = checkpoint_every or config.train.checkpoint_every
-  streams = rng_streams(seed)
+  streams = key_streams(seed)
   state = init_state(params, tx, with_ema=ema_decay is not None)
   mngr = None
   if checkpoint_dir is not None:
@@ -303,8 +303,8 @@ def run_loop(
 ) -> TrainState:
   """Runs `train_step` from `state.step` to `num_steps`, logging and checkpointing.
 
-  A non-finite loss stops training before it can be checkpointed, so the last good
-  checkpoint survives.
+  A non-finite metric stops training before its state can be checkpointed (metrics are
+  checked at every step that logs or saves), so the last good checkpoint survives.
   """
   from tqdm.auto import tqdm
 
@@ -312,31 +312,45 @@ def run_loop(
   bar = tqdm(total=num_steps, initial=start, desc=description, unit="step", mininterval=2.0,
              disable=start >= num_steps or not distributed.is_main())
   last_time, last_step = time.perf_counter(), start
-  one_in_flight = _collectives_can_starve(mesh)
+  train_step = one_step_in_flight(train_step, mesh)
   for step in range(start, num_steps):
-    batch = shard_batch(next(batches), mesh)
-    if one_in_flight:
-      jax.block_until_ready(state)
-    state, metrics = train_step(state, batch, key)
+    state, metrics = train_step(state, shard_batch(next(batches), mesh), key)
     done = step + 1
-    if done % log_every == 0 or done % checkpoint_every == 0 or done == num_steps:
+    log = done % log_every == 0 or done % checkpoint_every == 0 or done == num_steps
+    save = manager is not None and (done % checkpoint_every == 0 or done == num_steps
+                                    or done in keep_steps)
+    if log or save:
       metrics = jax.device_get(metrics)
       if not all(np.isfinite(v) for v in metrics.values()):
         raise TrainingError(
             f"{description}: non-finite metrics ({_numbers(metrics)}) at step {done}; lower the "
             f"learning rate or raise grad_clip_norm (the last checkpoint is kept).")
+    if log:
       now = time.perf_counter()
       metrics["images_per_second"] = (done - last_step) * batch_size / (now - last_time)
       last_time, last_step = now, done
       writer.write(done, metrics)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                       img_s=f"{metrics['images_per_second']:.0f}")
-    if manager is not None and (done % checkpoint_every == 0 or done == num_steps
-                                or done in keep_steps):
+    if save:
       checkpoints.save(manager, done, state, config_dict)
     bar.update(1)
   bar.close()
   return state
+
+
+def one_step_in_flight(train_step: Callable, mesh) -> Callable:
+  """`train_step`, made to wait for the previous step before dispatching the next where
+  queued steps could deadlock (several CPU devices in one process: `_collectives_can_starve`).
+  Every loop over a data-parallel step on such a mesh should go through this."""
+  if not _collectives_can_starve(mesh):
+    return train_step
+
+  def after_previous(state, batch, key):
+    jax.block_until_ready(state)
+    return train_step(state, batch, key)
+
+  return after_previous
 
 
 def _collectives_can_starve(mesh) -> bool:

@@ -1,0 +1,96 @@
+"""What the entry points share, checked in process: stray arguments, config checks made
+before any work, the console's filter on Orbax's chatter, and a failed first run's workdir."""
+
+import logging as std_logging
+import os
+
+import pytest
+from absl import logging
+
+from cfg_jax import cli, config_checks, console, errors
+
+
+def test_a_stray_argument_is_an_input_error():
+  cli.reject_arguments(["train.py"])
+  with pytest.raises(errors.InputError, match="unexpected argument.*'extra'.*--help"):
+    cli.reject_arguments(["train.py", "extra"])
+
+
+@pytest.mark.parametrize("keep_steps", [("x",), (-1,), (0,), (1.5,), (True,)])
+def test_keep_steps_must_be_step_numbers(tiny_config, keep_steps):
+  tiny_config.unlock()
+  tiny_config.train.keep_steps = keep_steps
+  with pytest.raises(errors.ConfigError, match=r"config.train.keep_steps must be step numbers"):
+    config_checks.validate(tiny_config)
+
+
+def test_keep_steps_of_step_numbers_pass(tiny_config):
+  tiny_config.train.keep_steps = (1, 3)
+  config_checks.validate(tiny_config)
+
+
+def test_grid_sampler_options_are_checked_by_the_sampler_up_front(tiny_config):
+  tiny_config.sampling.method, tiny_config.sampling.eta = "ddpm", 0.5
+  with pytest.raises(errors.ConfigError, match="config.sampling cannot draw the sample grids "
+                     r"\(eta applies to method='ddim' only"):
+    config_checks.validate(tiny_config)
+  tiny_config.sampling.method, tiny_config.sampling.eta = "dpmpp_2m", 0.0
+  config_checks.validate(tiny_config)  # every method the sampler knows
+
+
+def test_batches_must_divide_over_the_devices(tiny_config):
+  tiny_config.train.batch_size = 15
+  with pytest.raises(errors.ConfigError, match=r"train.batch_size \(15\) must be divisible by "
+                     "the 2 devices; set --config.train.batch_size to a multiple of 2"):
+    config_checks.check_devices(tiny_config, 2)
+  tiny_config.train.batch_size = 16
+  tiny_config.classifier.batch_size = 12
+  with pytest.raises(errors.ConfigError, match="classifier.batch_size"):
+    config_checks.check_devices(tiny_config, 8)
+  tiny_config.classifier.num_steps = 0  # no classifier: its batch does not matter
+  config_checks.check_devices(tiny_config, 8)
+
+
+def _record(pathname, level):
+  return std_logging.LogRecord("absl", level, pathname, 1, "Waiting for previous save", (), None)
+
+
+def test_orbax_chatter_stays_off_the_console_and_out_of_the_log_file(tmp_path):
+  orbax_file = os.path.join("site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
+  ours = os.path.join("cfg_jax", "train", "loop.py")
+  handler = logging.get_absl_handler()
+  try:
+    console.setup()
+    console.setup()  # twice in one process: still one filter
+    assert not handler.filter(_record(orbax_file, std_logging.WARNING))
+    assert handler.filter(_record(orbax_file, std_logging.ERROR))
+    assert handler.filter(_record(ours, std_logging.WARNING))
+    console.setup(verbose=True)
+    assert handler.filter(_record(orbax_file, std_logging.WARNING))
+    assert not handler.filter(_record(orbax_file, std_logging.INFO))
+  finally:
+    console.setup()
+  path = tmp_path / "train.log"
+  with console.logging_to(str(path)):
+    logging.info("our detail")  # absl records carry the caller's file, here this test's
+    file_handler = std_logging.getLogger().handlers[-1]
+    assert not file_handler.filter(_record(orbax_file, std_logging.INFO))
+    assert file_handler.filter(_record(orbax_file, std_logging.WARNING))
+  assert file_handler not in std_logging.getLogger().handlers  # removed and closed
+  assert "our detail" in path.read_text()
+
+
+def test_a_failed_first_run_removes_its_new_workdir_but_never_an_existing_one(tiny_config,
+                                                                             tmp_path):
+  from cfg_jax.train import job
+
+  tiny_config.data.name = "mnist"  # not prepared here: fails after the lock and the log
+  with pytest.raises(errors.UserError, match="not prepared"):
+    job.train_and_evaluate(tiny_config, str(tmp_path / "new" / "run"))
+  assert os.listdir(tmp_path) == []  # "new" was made for the run: gone with it
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "notes.txt").write_text("mine")
+  with pytest.raises(errors.UserError, match="not prepared"):
+    job.train_and_evaluate(tiny_config, str(existing))
+  assert (existing / "notes.txt").read_text() == "mine"
