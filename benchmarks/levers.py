@@ -11,12 +11,14 @@ compute the same thing, so the variants can be compared within one process:
   `lax.cond` or not, only the pass γ needs (γ = 0: unconditional only), and scan unrolling.
 * train: K training steps per dispatch (a Python loop inside one jit, or `lax.scan`).
 * parts: where a training step goes: forward, forward + backward, the optimizer + EMA.
+* conv: the UNet and classifier built from nnx.Conv against cfg_jax.models.conv.Conv.
 
 Findings are in benchmarks/PERF_FINDINGS.md.
 """
 
+import contextlib
+import functools
 import os
-import re
 import sys
 import time
 
@@ -24,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Every cfg_jax import of this benchmark, in one block (the package layout may move).
 from cfg_jax import cli, models, sampling, schedules, xla_flags
-from cfg_jax.models import unet
+from cfg_jax.models import conv, unet
 from cfg_jax.train import classifier as classifier_training
 from cfg_jax.train import diffusion as diffusion_training
 from cfg_jax.train import loop
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
+from flax import nnx
 from jax.tree_util import Partial
 from ml_collections import config_flags
 
@@ -63,25 +66,6 @@ def _fresh_state(params, tx):
   return loop.init_state(jax.tree_util.tree_map(jnp.copy, params), tx, with_ema=True)
 
 
-def bare_convs(compiled_text):
-  """Number of `convolution(` instructions not inside a fusion's (or custom call's) body."""
-  comps, current = {}, None
-  for line in compiled_text.splitlines():
-    match = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-    if match:
-      current = match.group(1)
-      comps[current] = []
-    elif current:
-      comps[current].append(line)
-  fused = set()
-  for lines in comps.values():
-    for line in lines:
-      if " fusion(" in line or "custom-call(" in line:
-        fused.update(re.findall(r"calls=%?([\w.\-]+)", line))
-  return sum("convolution(" in line for name, lines in comps.items() if name not in fused
-             for line in lines)
-
-
 def _setup(config):
   graphdef, params = diffusion_training.create_unet(config, 0)
   rng = np.random.default_rng(0)
@@ -89,6 +73,15 @@ def _setup(config):
       lambda p: jnp.asarray(np.asarray(p) + 0.02 * rng.standard_normal(p.shape), jnp.float32),
       params)
   return graphdef, params
+
+
+def classifier_free_eps(eps_fn, x_t, t, y, guidance_scale, null_label):
+  """ε̂ = ε(x,t,∅) + γ·(ε(x,t,y) − ε(x,t,∅)), both passes in one batched 2B call: plain CFG
+  without `guidance.CFG`'s options (the library's one rule), so timings compare across runs."""
+  both = eps_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+                jnp.concatenate([y, jnp.full_like(y, null_label)]))
+  eps_cond, eps_uncond = jnp.split(both, 2)
+  return eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # Ho & Salimans eq. (6)
 
 
 def ddim_loop(eps_fn, classifier_fn, schedule, labels, x, *, num_steps, guidance_scale,
@@ -104,7 +97,7 @@ def ddim_loop(eps_fn, classifier_fn, schedule, labels, x, *, num_steps, guidance
   def step(x_t, t):
     t_b = jnp.full((batch,), t, jnp.int32)
     if passes == "both":
-      eps = sampling.classifier_free_eps(eps_fn, x_t, t_b, labels, guidance_scale, null_label)
+      eps = classifier_free_eps(eps_fn, x_t, t_b, labels, guidance_scale, null_label)
     else:
       y = labels if passes == "cond" else jnp.full_like(labels, null_label)
       eps = eps_fn(x_t, t_b, y)
@@ -150,7 +143,7 @@ def part_hlo(config, graphdef, params):
                  donate_argnums=0)
   batch = {"image": jnp.zeros((64, 8, 8, 1)), "label": jnp.zeros((64,), jnp.int32)}
   text = step.lower(state, batch, jax.random.key(0)).compile().as_text()
-  print(f"hlo: train step: {bare_convs(text)} bare convolution(s)")
+  print(f"hlo: train step: {conv.unfused_convolutions(text)} bare convolution(s)")
   for line in text.splitlines():
     if "convolution(" in line and "lhs_dilate" in line and "fusion" not in line.split("=")[0]:
       print("   e.g.", line.strip()[:140])
@@ -164,7 +157,7 @@ def part_hlo(config, graphdef, params):
                                               classifier_scale=1.0))):
     text = compiled_sampler_text(jax.random.key(0), eps_fn, schedule, labels,
                                  image_shape=(8, 8, 1), num_steps=50, null_label=10, **kw)
-    print(f"hlo: sampler {name}: {bare_convs(text)} bare convolution(s)")
+    print(f"hlo: sampler {name}: {conv.unfused_convolutions(text)} bare convolution(s)")
 
 
 def part_sampler(config, graphdef, params):
@@ -183,7 +176,7 @@ def part_sampler(config, graphdef, params):
         classifier_scale=s, use_cond=kw.get("use_cond", True), unroll=kw.get("unroll", 1)))
     compiled = fn.lower(x, 3.0, 1.0).compile()
     ms = _best_ms(lambda: compiled(x, 3.0, 1.0), n, _ROUNDS.value)
-    return ms, bare_convs(compiled.as_text())
+    return ms, conv.unfused_convolutions(compiled.as_text())
 
   rows = {}
   for u in (int(v) for v in _UNROLLS.value):
@@ -241,7 +234,7 @@ def part_train(config, graphdef, params):
         return m
 
       ms = _best_ms(block, total, _ROUNDS.value)
-      bare = bare_convs(fn.lower(holder["s"], chunks[0], key).compile().as_text())
+      bare = conv.unfused_convolutions(fn.lower(holder["s"], chunks[0], key).compile().as_text())
       results.append((f"{mode} K={k}", ms, bare))
   base = results[0][1]
   print(f"train, b={b} (ms per step, best of {_ROUNDS.value} blocks of {total} steps):")
@@ -409,7 +402,7 @@ def part_flops(config, graphdef, params):
   for sb in (256, 16):
     labels = jnp.arange(sb) % 10
     x = jnp.zeros((sb, 8, 8, 1))
-    one = jax.jit(lambda x: sampling.classifier_free_eps(
+    one = jax.jit(lambda x: classifier_free_eps(
         eps_fn, x, jnp.full((sb,), 500, jnp.int32), labels, 3.0, 10))
     print(f"flops: CFG sampler step b={sb} (2B pass): "
           f"{one.lower(x).cost_analysis()['flops'] / 1e9:.2f} GFLOP")
@@ -474,6 +467,51 @@ def part_flags(config, graphdef, params):
       v = times[(what, name)]
       print(f"  {what:18s} {name:28s} {min(v):8.2f} / {np.median(v):8.2f}  "
             f"{base / min(v):5.2f}x speed-up")
+
+
+def part_conv(config, graphdef, params):
+  """nnx.Conv against conv.Conv (input gradient as a forward convolution), same weights:
+  unguided, CFG and classifier-guided steps of cfg_jax.sampling, interleaved."""
+  del graphdef
+  schedule = schedules.from_config(config.diffusion)
+  cls_params = _setup_classifier(config)
+  labels = np.arange(_BATCH.value) % 10
+  fns = {}
+  for name, conv_layer in (("nnx.Conv", nnx.Conv), ("conv.Conv", conv.Conv)):
+    with _conv_layer(conv_layer):
+      unet_graphdef, _ = diffusion_training.create_unet(config, 0)
+      cls_graphdef, _ = classifier_training.create_classifier(config, 0)
+    eps_fn = Partial(models.apply, unet_graphdef, params)
+    cls_fn = Partial(models.apply, cls_graphdef, cls_params)
+    for case, kw in (("unguided", {}), ("CFG γ=3", dict(guidance_scale=3.0, null_label=10)),
+                     ("classifier s=1 on γ=0", dict(guidance_scale=0.0, null_label=10,
+                                                    classifier_fn=cls_fn,
+                                                    classifier_scale=1.0))):
+      fn = functools.partial(sampling.sample, jax.random.key(0), eps_fn, schedule, labels,
+                             image_shape=(8, 8, 1), num_steps=_STEPS.value, **kw)
+      jax.block_until_ready(fn())
+      fns[f"{case}, {name}"] = (fn, _STEPS.value)
+  for k, v in _best_ms_per_step(fns).items():
+    print(f"conv: {k:36s} {v:8.1f} ms/step")
+
+
+@contextlib.contextmanager
+def _conv_layer(layer):
+  """Builds the UNet's convolutions from `layer` (the parameters do not change)."""
+  saved = conv.Conv
+  conv.Conv = layer
+  try:
+    yield
+  finally:
+    conv.Conv = saved
+
+
+def _setup_classifier(config):
+  _, cls_params = classifier_training.create_classifier(config, 0)
+  rng = np.random.default_rng(1)
+  return jax.tree_util.tree_map(
+      lambda p: jnp.asarray(np.asarray(p) + 0.02 * rng.standard_normal(p.shape), jnp.float32),
+      cls_params)
 
 
 def main(argv):

@@ -8,7 +8,9 @@
 Prints training images/s (batch 64) and CFG DDIM-50 sampling images/s (batch 256 and 16) for
 both, and the JAX/PyTorch ratios; then JAX-internal step costs: a CFG step against an
 unguided one, and a classifier-guided step on γ = 0 against an unguided one (with the bound
-the issue sets: one unguided pass plus the classifier's forward and backward).
+the issue sets: one unguided pass plus the classifier's forward and backward). JAX runs the
+paths train.py and sample.py take: the batch split over every device, which on a multi-core
+CPU are the entry points' two host devices (cfg_jax/xla_flags.py).
 
 The machines this runs on are shared and noisy, so every measurement is a timed block, and
 JAX and PyTorch blocks alternate (ABBA order) over several rounds; the ratios use the best
@@ -24,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Every cfg_jax import of this benchmark, in one block (the package layout may move).
-from cfg_jax import cli, data, models, sampling, schedules, xla_flags
+from cfg_jax import cli, data, generate, models, pipeline, sampling, schedules, xla_flags
 from cfg_jax.train import classifier as classifier_training
 from cfg_jax.train import diffusion as diffusion_training
 from cfg_jax.train import loop
@@ -89,9 +91,9 @@ def bench_training(config, jax_params, twin, rounds, steps):
   graphdef, _ = diffusion_training.create_unet(config, 0)
   tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
   state = loop.replicate(loop.init_state(jax_params, tx, with_ema=True), mesh)
-  step = loop.jit_data_parallel(
-      diffusion_training.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config),
-      mesh)
+  step = loop.one_step_in_flight(loop.jit_data_parallel(
+      diffusion_training.make_train_step(graphdef, tx, schedules.from_config(config.diffusion),
+                                         config), mesh), mesh)  # as loop.fit runs it
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (b, *spec.image_shape)).astype(np.float32)
   labels = rng.integers(0, spec.num_classes, b).astype(np.int32)
@@ -125,8 +127,9 @@ def bench_training(config, jax_params, twin, rounds, steps):
 
 
 def bench_sampling(config, eps_fn, twin_eval, batch, rounds, num_steps):
+  """The project's sampling path as sample.py runs it: the batch split over every device."""
   spec = data.spec(config.data.name)
-  schedule = schedules.from_config(config.diffusion)
+  model = pipeline.Pipeline.from_config(config, eps_fn)
   abar = torch_twin.cosine_alphas_cumprod(config.diffusion.num_timesteps)
   labels = np.arange(batch) % spec.num_classes
   labels_t = torch.from_numpy(labels).long()
@@ -134,9 +137,8 @@ def bench_sampling(config, eps_fn, twin_eval, batch, rounds, num_steps):
   h, w, c = spec.image_shape
 
   def jax_block():
-    jax.block_until_ready(sampling.sample(
-        jax.random.key(0), eps_fn, schedule, labels, image_shape=spec.image_shape,
-        num_steps=num_steps, guidance_scale=_GUIDANCE.value, null_label=spec.num_classes))
+    generate.sample_sharded(jax.random.key(0), model, labels, method="ddim",
+                            num_steps=num_steps, guidance_scale=_GUIDANCE.value)
 
   def torch_block():
     torch_twin.ddim_cfg_sample(twin_eval, abar, labels_t, num_steps=num_steps,
@@ -148,33 +150,37 @@ def bench_sampling(config, eps_fn, twin_eval, batch, rounds, num_steps):
 
 
 def bench_guidance_ratios(config, eps_fn, batch, rounds, num_steps):
-  """JAX-internal: seconds per sampler step of CFG and classifier guidance vs unguided."""
+  """JAX-internal: seconds per sampler step of CFG and classifier guidance vs unguided, on
+  the path sample.py takes (the batch split over every device)."""
   spec = data.spec(config.data.name)
-  schedule = schedules.from_config(config.diffusion)
   cls_graphdef, cls_params = classifier_training.create_classifier(config, 0)
   classifier_fn = Partial(models.apply, cls_graphdef, cls_params)
+  model = pipeline.Pipeline.from_config(config, eps_fn, classifier_fn)
   labels = np.arange(batch) % spec.num_classes
 
   def run(**kw):
-    return lambda: jax.block_until_ready(sampling.sample(
-        jax.random.key(0), eps_fn, schedule, labels, image_shape=spec.image_shape,
-        num_steps=num_steps, **kw))
+    return lambda: generate.sample_sharded(jax.random.key(0), model, labels, method="ddim",
+                                           num_steps=num_steps, **kw)
 
-  x = jax.random.normal(jax.random.key(1), (batch, *spec.image_shape))
-  t = jax.numpy.full((batch,), 500, jax.numpy.int32)
-  y = jax.numpy.asarray(labels, jax.numpy.int32)
-  grad_fn = jax.jit(lambda x: sampling.classifier_gradient(classifier_fn, x, t, y, 1.0))
+  # What classifier guidance adds: the classifier's forward + backward, split the same way.
+  mesh = loop.data_mesh()
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  x = jax.device_put(np.random.default_rng(1).standard_normal(
+      (batch, *spec.image_shape)).astype(np.float32), batch_sharding)
+  t = jax.device_put(np.full((batch,), 500, np.int32), batch_sharding)
+  y = jax.device_put(labels.astype(np.int32), batch_sharding)
+  replicated_fn = generate.replicated(model, mesh).classifier_fn
+  grad_fn = jax.jit(lambda fn, x: sampling.classifier_gradient(fn, x, t, y, 1.0))
 
-  def classifier_only():  # what classifier guidance adds: the classifier's forward + backward
+  def classifier_only():
     for _ in range(num_steps):
-      g = grad_fn(x)
+      g = grad_fn(replicated_fn, x)
     jax.block_until_ready(g)
 
   cases = {
       "unguided (γ=1, one pass)": run(),
-      "CFG γ=3 (batched 2B pass)": run(guidance_scale=3.0, null_label=spec.num_classes),
-      "classifier s=1 on γ=0": run(guidance_scale=0.0, null_label=spec.num_classes,
-                                   classifier_fn=classifier_fn, classifier_scale=1.0),
+      "CFG γ=3 (batched 2B pass)": run(guidance_scale=3.0),
+      "classifier s=1 on γ=0": run(guidance_scale=0.0, classifier_scale=1.0),
       "classifier fwd+bwd alone": classifier_only,
   }
   for fn in cases.values():

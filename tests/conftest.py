@@ -7,10 +7,13 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The entry points the tests start keep no compiled programs in the user's cache.
-os.environ["CFG_JAX_COMPILATION_CACHE"] = "0"
-
 import tempfile
+
+# The entry points the tests start keep no compiled programs in the user's cache; instead
+# this process and every CLI it starts share one cache for the session, since the suite
+# compiles the same small train steps and samplers many times over.
+os.environ["CFG_JAX_COMPILATION_CACHE"] = "0"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="cfg_jax_jit_"))
 
 import pytest
 

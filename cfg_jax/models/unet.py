@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cfg_jax.models import conv
+
 
 def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
   """Sinusoidal features of integer timesteps, as in guided-diffusion (cos then sin)."""
@@ -66,12 +68,12 @@ class ResBlock(nnx.Module):
 
   def __init__(self, in_ch, out_ch, emb_dim, dropout_rate, num_groups, *, rngs):
     self.norm1 = _norm(in_ch, num_groups, rngs)
-    self.conv1 = nnx.Conv(in_ch, out_ch, (3, 3), rngs=rngs)
+    self.conv1 = conv.Conv(in_ch, out_ch, (3, 3), rngs=rngs)
     self.emb = nnx.Linear(emb_dim, 2 * out_ch, rngs=rngs)
     self.norm2 = _norm(out_ch, num_groups, rngs)
     # Zero-initialised output: each block starts as the identity (ADM's zero_module).
-    self.conv2 = nnx.Conv(out_ch, out_ch, (3, 3), kernel_init=nnx.initializers.zeros, rngs=rngs)
-    self.skip = nnx.Conv(in_ch, out_ch, (1, 1), rngs=rngs) if in_ch != out_ch else None
+    self.conv2 = conv.Conv(out_ch, out_ch, (3, 3), kernel_init=nnx.initializers.zeros, rngs=rngs)
+    self.skip = conv.Conv(in_ch, out_ch, (1, 1), rngs=rngs) if in_ch != out_ch else None
     self.dropout_rate = dropout_rate
 
   def __call__(self, x, emb, dropout_key=None):
@@ -102,7 +104,7 @@ class SelfAttention(nnx.Module):
 class Downsample(nnx.Module):
 
   def __init__(self, channels, *, rngs):
-    self.conv = nnx.Conv(channels, channels, (3, 3), strides=(2, 2), rngs=rngs)
+    self.conv = conv.Conv(channels, channels, (3, 3), strides=(2, 2), rngs=rngs)
 
   def __call__(self, x):
     return self.conv(x)
@@ -111,7 +113,7 @@ class Downsample(nnx.Module):
 class Upsample(nnx.Module):
 
   def __init__(self, channels, *, rngs):
-    self.conv = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
+    self.conv = conv.Conv(channels, channels, (3, 3), rngs=rngs)
 
   def __call__(self, x):
     b, h, w, c = x.shape
@@ -141,7 +143,7 @@ class _Encoder(nnx.Module):
 
   def __init__(self, config, emb_dim, *, rngs):
     ch = config.base_channels
-    self.input_conv = nnx.Conv(config.image_shape[-1], ch, (3, 3), rngs=rngs)
+    self.input_conv = conv.Conv(config.image_shape[-1], ch, (3, 3), rngs=rngs)
     resolution = config.image_shape[0]
     skip_channels = [ch]
     self.levels, self.downs = nnx.List(), nnx.List()
@@ -221,7 +223,7 @@ class UNet(nnx.Module):
       self.ups.append(Upsample(out_ch, rngs=rngs) if i > 0 else None)
       resolution *= 2
     self.out_norm = _norm(in_ch, config.num_groups, rngs)
-    self.out_conv = nnx.Conv(in_ch, config.image_shape[-1], (3, 3),
+    self.out_conv = conv.Conv(in_ch, config.image_shape[-1], (3, 3),
                              kernel_init=nnx.initializers.zeros, rngs=rngs)
 
   def __call__(self, x, t, y, *, dropout_key=None):
