@@ -88,7 +88,8 @@ def test_ema_update_warmup():
   assert float(ema["w"]) == pytest.approx(1 - 0.1)  # (1 + 0) / (10 + 0) kept of the old
 
 
-def test_nan_loss_stops_training_before_a_checkpoint(tmp_path, digits_train):
+def _run_diverging(tmp_path, digits_train, *, log_every, checkpoint_every, keep_steps=()):
+  """Runs a step whose loss is NaN from step 3 on; returns the checkpoint manager."""
   from cfg_jax import checkpoints
 
   mesh = loop.data_mesh(jax.devices()[:1])
@@ -98,34 +99,30 @@ def test_nan_loss_stops_training_before_a_checkpoint(tmp_path, digits_train):
     loss = jnp.where(state.step >= 2, jnp.nan, 1.0)
     return state.replace(step=state.step + 1), {"loss": loss}
 
-  mngr = checkpoints.manager(str(tmp_path / "ckpt"))
+  mngr = checkpoints.manager(str(tmp_path / "ckpt"), keep_steps=keep_steps)
   writer = loop.MetricWriter(str(tmp_path), "test")
-  with pytest.raises(loop.TrainingError, match="non-finite metrics.*at step 3; lower the"):
-    loop.run_loop(state=state, train_step=jax.jit(diverging_step), mesh=mesh,
-                  batches=data.batches(digits_train, 8, 0), key=jax.random.key(0), num_steps=10,
-                  manager=mngr, config_dict={}, writer=writer, log_every=1, checkpoint_every=2,
-                  batch_size=8, description="test")
+  try:
+    with pytest.raises(loop.TrainingError, match="non-finite metrics.*at step 3; lower the"):
+      loop.run_loop(state=state, train_step=jax.jit(diverging_step), mesh=mesh,
+                    batches=data.batches(digits_train, 8, 0), key=jax.random.key(0),
+                    num_steps=10, manager=mngr, config_dict={}, writer=writer,
+                    log_every=log_every, checkpoint_every=checkpoint_every, batch_size=8,
+                    description="test", keep_steps=keep_steps)
+  finally:
+    writer.close()
   mngr.wait_until_finished()
+  return mngr
+
+
+def test_nan_loss_stops_training_before_a_checkpoint(tmp_path, digits_train):
+  mngr = _run_diverging(tmp_path, digits_train, log_every=1, checkpoint_every=2)
   assert mngr.all_steps() == [2]  # the good step-2 checkpoint survives; no NaN state saved
 
 
 def test_nan_at_a_kept_step_is_not_saved_between_log_steps(tmp_path, digits_train):
   """A `keep_steps` save falls between log and checkpoint steps: its metrics are checked too."""
-  mesh = loop.data_mesh(jax.devices()[:1])
-  state = loop.TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(())}, None, ())
-
-  def diverging_step(state, batch, key):
-    loss = jnp.where(state.step >= 2, jnp.nan, 1.0)
-    return state.replace(step=state.step + 1), {"loss": loss}
-
-  mngr = checkpoints.manager(str(tmp_path / "ckpt"), keep_steps=(3,))
-  writer = loop.MetricWriter(str(tmp_path), "test")
-  with pytest.raises(loop.TrainingError, match="non-finite metrics.*at step 3"):
-    loop.run_loop(state=state, train_step=jax.jit(diverging_step), mesh=mesh,
-                  batches=data.batches(digits_train, 8, 0), key=jax.random.key(0), num_steps=10,
-                  manager=mngr, config_dict={}, writer=writer, log_every=5, checkpoint_every=5,
-                  batch_size=8, description="test", keep_steps=(3,))
-  mngr.wait_until_finished()
+  mngr = _run_diverging(tmp_path, digits_train, log_every=5, checkpoint_every=5,
+                        keep_steps=(3,))
   assert mngr.all_steps() == []  # the NaN state of kept step 3 was never saved
 
 
