@@ -12,6 +12,7 @@ compute the same thing, so the variants can be compared within one process:
 * train: K training steps per dispatch (a Python loop inside one jit, or `lax.scan`).
 * parts: where a training step goes: forward, forward + backward, the optimizer + EMA.
 * conv: the UNet and classifier built from nnx.Conv against cfg_jax.models.conv.Conv.
+* devices: one UNet forward per batch size, on one device and split over every device.
 
 Findings are in benchmarks/PERF_FINDINGS.md.
 """
@@ -493,6 +494,25 @@ def part_conv(config, graphdef, params):
       fns[f"{case}, {name}"] = (fn, _STEPS.value)
   for k, v in _best_ms_per_step(fns).items():
     print(f"conv: {k:36s} {v:8.1f} ms/step")
+
+
+def part_devices(config, graphdef, params):
+  """One UNet forward at several batch sizes: on one device, and split over every device."""
+  del config
+  mesh = loop.data_mesh()
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  forward = jax.jit(functools.partial(models.apply, graphdef))
+  placed = {"1 device": (jax.device_put(params, jax.devices()[0]), None),
+            f"{mesh.size} devices": (loop.replicate(params, mesh), split)}
+  for batch in (16, 32, 64, 128, 256, 512):
+    inputs = (np.zeros((batch, 8, 8, 1), np.float32), np.full((batch,), 500, np.int32),
+              np.zeros((batch,), np.int32))
+    fns = {}
+    for name, (p, sharding) in placed.items():
+      args = [jax.device_put(a, sharding) if sharding else jnp.asarray(a) for a in inputs]
+      fns[f"forward b={batch}, {name}"] = (functools.partial(forward, p, *args), 1)
+    for k, v in _best_ms_per_step(fns).items():
+      print(f"devices: {k:30s} {v:8.2f} ms")
 
 
 @contextlib.contextmanager
