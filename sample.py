@@ -6,11 +6,12 @@
   python sample.py --workdir runs/digits --guidance apg --guidance_scale 4 --apg_momentum -0.5
   python sample.py --workdir runs/digits --guidance autoguidance --guidance_scale 2 \
       --weak_step 500 --method dpmpp_2m --num_steps 15 --timestep_spacing trailing
+  python sample.py --workdir runs/adm64 --labels "Pembroke Welsh corgi" --classifier_scale 10
 """
 
 from absl import app, flags
 
-from cfg_jax import cli, sampler_flags
+from cfg_jax.app import command_flags, startup
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Training workdir to load.")
 _OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz (a .png grid goes beside it).")
@@ -20,29 +21,28 @@ _LABELS = flags.DEFINE_string("labels", None, "Comma-separated class ids, cycled
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "The --guidance rule's scale; for cfg "
                                "γ (0 unconditional, 1 conditional; Ho & Salimans' w = γ − 1). "
                                "Default 3 (cfg, apg), 0.6 (cfgpp), 2 (autoguidance).")
-sampler_flags.define()
-_METHOD = flags.DEFINE_enum("method", "ddim", ["ddim", "ddpm", "dpmpp_2m"], "Sampler "
-                            "(dpmpp_2m: DPM-Solver++(2M)).")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 50, "Denoising steps.")
+command_flags.define_sampler_flags()
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM η (0 deterministic).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images per compiled sampler call.")
-_CLS_SCALE = flags.DEFINE_float("classifier_scale", 0.0, "Classifier-guidance scale s.")
+_CLS_SCALE = flags.DEFINE_float("classifier_scale", None, "Classifier-guidance scale s; default: "
+                                 "the model's (0 for digits, the preset's for a converted ADM).")
 _CLS_WORKDIR = flags.DEFINE_string("classifier_workdir", None, "Workdir of the noisy "
                                    "classifier; default: --workdir.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 
 
 def main(argv):
-  cli.start(argv)
-  from cfg_jax import distributed, generate
+  startup.start(argv)
+  from cfg_jax import distributed
+  from cfg_jax.app import sample_job
 
-  npz, png = cli.run_or_exit(lambda: generate.sample_to_npz(
+  npz, png = startup.run_or_exit(lambda: sample_job.sample_to_npz(
       workdir=_WORKDIR.value, out=_OUT.value, num_samples=_NUM_SAMPLES.value,
-      labels=cli.parse_labels(_LABELS.value),
-      rule=dict(guidance_scale=_GUIDANCE.value, **sampler_flags.rule_keywords()),
-      method=_METHOD.value, **sampler_flags.sampler_keywords(),
-      num_steps=_NUM_STEPS.value, eta=_ETA.value, seed=_SEED.value, batch_size=_BATCH.value,
+      labels=command_flags.parse_labels(_LABELS.value),
+      rule=dict(guidance_scale=_GUIDANCE.value, **command_flags.rule_keywords()),
+      **command_flags.sampler_keywords(), eta=_ETA.value, seed=_SEED.value,
+      batch_size=_BATCH.value,
       classifier_scale=_CLS_SCALE.value, classifier_workdir=_CLS_WORKDIR.value,
       overwrite=_OVERWRITE.value))
   if distributed.is_main():
@@ -50,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  app.run(main, flags_parser=startup.parse_flags_or_exit)

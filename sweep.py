@@ -14,21 +14,18 @@ against recall) to --out_dir (default: WORKDIR/sweep).
 
 from absl import app, flags
 
-from cfg_jax import cli, sampler_flags
+from cfg_jax.app import command_flags, startup
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Training workdir to load.")
 _GUIDANCE = flags.DEFINE_list("guidance_scales", None, "Scales of the --guidance rule (for cfg "
                               "γ); default by rule, for cfg 0,0.5,1,1.5,2,3,5. Empty: none.")
-sampler_flags.define()
+command_flags.define_sampler_flags()
 _CLASSIFIER = flags.DEFINE_list("classifier_scales", [], "Classifier-guidance s values "
                                 "(uses the workdir's noisy classifier).")
 _BASE = flags.DEFINE_float("classifier_base_guidance", 0.0, "γ under classifier guidance "
                            "(0: guide the unconditional model).")
 _NUM = flags.DEFINE_integer("num_samples", 1000, "Samples per scale.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed: the same x_T at every scale.")
-_METHOD = flags.DEFINE_enum("method", "ddim", ["ddim", "ddpm", "dpmpp_2m"], "Sampler "
-                            "(dpmpp_2m: DPM-Solver++(2M)).")
-_STEPS = flags.DEFINE_integer("num_steps", 50, "Denoising steps.")
 _BATCH = flags.DEFINE_integer("batch_size", 500, "Images per scale in each compiled sampler "
                              "call (all scales of the rule are sampled together).")
 _OUT = flags.DEFINE_string("out_dir", None, "Output folder; default WORKDIR/sweep.")
@@ -38,26 +35,26 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing sweep files
 
 
 def main(argv):
-  cli.start(argv)
+  startup.start(argv)
   from cfg_jax import distributed
-  from cfg_jax.evaluation import sweep
+  from cfg_jax.app import sweep_job
 
   def run():
-    rule = sampler_flags.rule_keywords()
-    scales = (sweep.DEFAULT_SCALES[rule["guidance"]] if _GUIDANCE.value is None
-              else cli.floats(_GUIDANCE.value, "guidance_scales"))
-    rows = sweep.run_sweep(
+    rule = command_flags.rule_keywords()
+    scales = (sweep_job.DEFAULT_SCALES[rule["guidance"]] if _GUIDANCE.value is None
+              else command_flags.floats(_GUIDANCE.value, "guidance_scales"))
+    rows = sweep_job.run_sweep(
         workdir=_WORKDIR.value, guidance_scales=scales, rule=rule,
-        **sampler_flags.sampler_keywords(),
-        classifier_scales=cli.floats(_CLASSIFIER.value, "classifier_scales"),
+        **command_flags.sampler_keywords(),
+        classifier_scales=command_flags.floats(_CLASSIFIER.value, "classifier_scales"),
         classifier_base_guidance=_BASE.value, num_samples=_NUM.value, seed=_SEED.value,
-        method=_METHOD.value, num_steps=_STEPS.value, batch_size=_BATCH.value,
-        out_dir=_OUT.value, evalnet_dir=_EVALNET.value, overwrite=_OVERWRITE.value)
+        batch_size=_BATCH.value, out_dir=_OUT.value, evalnet_dir=_EVALNET.value,
+        overwrite=_OVERWRITE.value)
     if distributed.is_main():
-      sweep.print_rows(rows)
+      sweep_job.print_rows(rows)
 
-  cli.run_or_exit(run)
+  startup.run_or_exit(run)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  app.run(main, flags_parser=startup.parse_flags_or_exit)

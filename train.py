@@ -10,7 +10,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from cfg_jax import cli
+from cfg_jax.app import startup
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
@@ -20,15 +20,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Where checkpoints, met
 
 
 def main(argv):
-  cli.start(argv)
-  from cfg_jax import config_checks  # light: a bad config fails before JAX is imported
+  startup.start(argv)
+  from cfg_jax.app import train_job
 
-  config = cli.run_or_exit(lambda: cli.config_value(_CONFIG))
-  cli.run_or_exit(lambda: config_checks.validate(config))
-  from cfg_jax.train import job
-
-  cli.run_or_exit(lambda: job.train_and_evaluate(config, _WORKDIR.value))
+  config = startup.run_or_exit(lambda: startup.config_value(_CONFIG))
+  startup.run_or_exit(lambda: train_job.train_and_evaluate(config, _WORKDIR.value))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  app.run(main, flags_parser=startup.parse_flags_or_exit)

@@ -1,26 +1,32 @@
-"""Every guidance rule and DPM-Solver++ on one trained model, scored alike (issue 9).
+"""Every guidance rule and DPM-Solver++ on one trained model, scored alike.
 
   python benchmarks/guidance_table.py --workdir runs/digits       # ~25 min on 2 CPU cores
   python benchmarks/guidance_table.py --parts=solvers             # the solver rows only
+  python train.py --config configs/digits_tiny.py --workdir /tmp/tiny && \
+      python benchmarks/guidance_table.py --workdir /tmp/tiny --quick  # checks that it runs
 
 `rules`: plain CFG, CFG in Kynkäänniemi et al.'s interval, rescaled CFG, APG, CFG++ and
 autoguidance (the weak model: the run's own checkpoint at --weak_step), a few scales each,
 DDIM 50 steps. `solvers`: DPM-Solver++(2M) at 10, 15 and 20 steps against DDIM 50, plain CFG
 at --solver_scale, with the sampling seconds per 1,000 images after compilation (the best of
-two timed runs). Every row: --num_samples balanced labels, seed 0, the evaluation network of
-`sweep.py`. Prints Markdown tables and writes them, with every row as JSON, to --out_dir.
+two timed runs) and each solver's speed-up over DDIM 50. Every row: --num_samples balanced
+labels, seed 0, the evaluation network of `sweep.py`. Prints the machine and Markdown tables
+and writes them, with every row as JSON, to --out_dir.
+
+--quick: one scale per rule, 40 samples, DDIM 10 steps against DPM-Solver++ 5 steps, the
+weak model at the run's first checkpoint, and a 60-step evaluation network of its own (in
+OUT_DIR/evalnet_quick): its scores mean nothing, it only checks that every row runs.
 """
 
 import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
-from cfg_jax import cli
+from cfg_jax.app import startup
+
+import machine
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Trained workdir (python train.py).")
 _OUT = flags.DEFINE_string("out_dir", None, "Default: WORKDIR/guidance_table.")
@@ -29,8 +35,11 @@ _NUM = flags.DEFINE_integer("num_samples", 1000, "Samples per row.")
 _BATCH = flags.DEFINE_integer("batch_size", 250, "Images per scale in a compiled call.")
 _WEAK_STEP = flags.DEFINE_integer("weak_step", 500, "Autoguidance: the weak checkpoint.")
 _SOLVER_SCALE = flags.DEFINE_float("solver_scale", 1.25, "CFG γ of the solver rows.")
+_EVALNET_DIR = flags.DEFINE_string("evalnet_dir", None, "The evaluation network's folder "
+                                   "(default: sweep.py's, in the user cache).")
+_QUICK = flags.DEFINE_bool("quick", False, "A few seconds per row: checks that it runs.")
 
-# (folder, name, rule keywords of generate.guidance_rule, scales); DDIM 50 steps.
+# (folder, name, rule keywords of app.sample_job.guidance_rule, scales); DDIM 50 steps.
 RULES = (
     ("cfg", "CFG", {"guidance": "cfg"}, (1.0, 1.25, 1.5, 2.0, 3.0)),
     # The interval of Kynkäänniemi et al. 2024 for EDM2 (σ in (0.28, 5.42]).
@@ -43,49 +52,75 @@ RULES = (
 )
 SOLVERS = (("ddim", 50, "leading"), ("dpmpp_2m", 10, "trailing"),
            ("dpmpp_2m", 15, "trailing"), ("dpmpp_2m", 20, "trailing"))
+QUICK_SOLVERS = (("ddim", 10, "trailing"), ("dpmpp_2m", 5, "trailing"))
 COLUMNS = ("accuracy", "fid", "precision", "recall")
 
 
-def rule_rows(workdir, out_dir):
-  from cfg_jax.evaluation import sweep
+def _evalnet_dir(workdir, out_dir):
+  """The evaluation network's folder; with --quick a 60-step network of its own, trained
+  here once (the sweep then loads it)."""
+  if not _QUICK.value:
+    return _EVALNET_DIR.value
+  from cfg_jax import checkpoints, paths
+  from cfg_jax.evaluation import evalnet
 
+  dataset = checkpoints.read_config(paths.diffusion_checkpoints(workdir))["data"]["name"]
+  directory = _EVALNET_DIR.value or os.path.join(out_dir, "evalnet_quick")
+  evalnet.load_or_train(dataset, directory, num_steps=60)
+  return directory
+
+
+def _first_step(workdir):
+  from cfg_jax import checkpoints, paths
+
+  return min(checkpoints.manager(paths.diffusion_checkpoints(workdir), create=False).all_steps())
+
+
+def rule_rows(workdir, out_dir, evalnet_dir):
+  from cfg_jax.app import sweep_job
+
+  quick = _QUICK.value
   rows = []
   for folder, name, rule, scales in RULES:
     rule = dict(rule)
     if rule["guidance"] == "autoguidance":
-      rule["weak_step"] = _WEAK_STEP.value
-    found = sweep.run_sweep(workdir=workdir, guidance_scales=scales, rule=rule,
-                            num_samples=_NUM.value, batch_size=_BATCH.value, overwrite=True,
-                            out_dir=os.path.join(out_dir, folder))
+      rule["weak_step"] = _first_step(workdir) if quick else _WEAK_STEP.value
+    found = sweep_job.run_sweep(
+        workdir=workdir, guidance_scales=scales[-1:] if quick else scales, rule=rule,
+        num_samples=_NUM.value, batch_size=_BATCH.value, overwrite=True,
+        num_steps=10 if quick else 50, out_dir=os.path.join(out_dir, folder),
+        evalnet_dir=evalnet_dir, **({"timestep_spacing": "trailing"} if quick else {}))
     rows += [{**row, "guidance": name} for row in found]
   return rows
 
 
-def solver_rows(workdir, out_dir):
+def solver_rows(workdir, evalnet_dir):
   import jax
 
-  from cfg_jax import data, generate, pipeline
-  from cfg_jax.evaluation import evaluate
-  from cfg_jax.evaluation import evalnet as evalnet_lib
+  from cfg_jax import data, pipeline, sharded_sampling
+  from cfg_jax.app import sample_job
+  from cfg_jax.evaluation import evalnet, evaluate
 
   model = pipeline.load(workdir)
-  net = evalnet_lib.load_or_train(model.config.data.name)
+  net = evalnet.load_or_train(model.config.data.name, evalnet_dir)
   test, train = (data.load_split(model.config.data.name, s) for s in ("test", "train"))
-  labels = generate.balanced_labels(_NUM.value, model.num_classes)
+  labels = sample_job.balanced_labels(_NUM.value, model.num_classes)
   rows = []
-  for method, steps, spacing in SOLVERS:
+  for method, steps, spacing in QUICK_SOLVERS if _QUICK.value else SOLVERS:
     options = dict(method=method, num_steps=steps, timestep_spacing=spacing,
                    batch_size=_BATCH.value, guidance_scale=_SOLVER_SCALE.value)
-    generate.generate(jax.random.key(1), model, labels[:_BATCH.value], **options)  # compile
+    sharded_sampling.sample_batches(jax.random.key(1), model, labels[:_BATCH.value],
+                                    **options)  # compile
     seconds = []
     for _ in range(2):
       start = time.perf_counter()
-      samples = generate.generate(jax.random.key(0), model, labels, **options)
+      samples = sharded_sampling.sample_batches(jax.random.key(0), model, labels, **options)
       seconds.append(time.perf_counter() - start)
     rows.append({"guidance": f"{method} {steps} steps ({spacing})",
                  "scale": _SOLVER_SCALE.value,
                  "seconds_per_1000": min(seconds) * 1000 / len(labels),
                  **evaluate(samples, labels, net, test, train)})
+    rows[-1]["speed_up"] = rows[0]["seconds_per_1000"] / rows[-1]["seconds_per_1000"]
     print(rows[-1], flush=True)
   return rows
 
@@ -96,23 +131,29 @@ def markdown(rows, extra=()):
   for r in rows:
     cells = [r["guidance"], f"{r['scale']:g}"] + [f"{r[c]:.3f}" if c != "fid" else
                                                  f"{r[c]:.1f}" for c in COLUMNS]
-    cells += [f"{r[c]:.1f}" for c in extra]
+    cells += [f"{r[c]:.1f}" if c != "speed_up" else f"{r[c]:.2f}x" for c in extra]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def main(argv):
-  cli.start(argv)
+  startup.start(argv)  # as the entry points: XLA flags, compilation cache, quiet console
+  if _QUICK.value:
+    for holder, value in ((_NUM, 40), (_BATCH, 20)):
+      if not flags.FLAGS[holder.name].present:
+        flags.FLAGS[holder.name].value = value
   workdir = _WORKDIR.value
   out_dir = _OUT.value or os.path.join(workdir, "guidance_table")
   os.makedirs(out_dir, exist_ok=True)
-  tables, everything = [], {}
+  evalnet_dir = _evalnet_dir(workdir, out_dir)
+  tables, everything = [machine.describe()], {"machine": machine.describe()}
   if "rules" in _PARTS.value:
-    everything["rules"] = rows = rule_rows(workdir, out_dir)
+    everything["rules"] = rows = rule_rows(workdir, out_dir, evalnet_dir)
     tables.append(markdown(rows))
   if "solvers" in _PARTS.value:
-    everything["solvers"] = rows = solver_rows(workdir, out_dir)
-    tables.append(markdown(rows, extra=("seconds_per_1000",)))
+    everything["solvers"] = rows = solver_rows(workdir, evalnet_dir)
+    tables.append(markdown(rows, extra=("seconds_per_1000", "speed_up")))
+  tables.append(machine.load())
   text = "\n\n".join(tables)
   print(text)
   with open(os.path.join(out_dir, "table.md"), "w") as f:

@@ -1,15 +1,17 @@
 """Where a training step and a CFG sampler step spend their time: a jax.profiler trace, summed.
 
   python benchmarks/trace_summary.py            # default config, batch 64 / CFG batch 256
+  python benchmarks/trace_summary.py --quick    # 3 train steps, 2 sampler steps at batch 16
   python benchmarks/trace_summary.py --steps=50
 
 Runs the project's own paths (the data-parallel train step fed by `data.batches` as
-`loop.run_loop` feeds it, and `generate.sample_sharded` as sample.py calls it) under
-`jax.profiler.trace`, then sums the trace's XLA events by kind: convolutions (YNNPACK
-fusions rooted at a convolution), other YNNPACK fusions (reductions, dots), XLA's own
-fusions (elementwise: GroupNorm, SiLU, the optimizer), collectives and copies. It also
-prints the host side: Python dispatch of each step (`PjitFunction`) and the batch
-preparation, against the wall time per step. The README's trace summary comes from here.
+`cfg_jax.train.loop.run_loop` feeds it, and `cfg_jax.sharded_sampling.sample_sharded` as
+sample.py calls it) under `jax.profiler.trace`, then sums the trace's XLA events by kind:
+convolutions (YNNPACK fusions rooted at a convolution), other YNNPACK fusions (reductions,
+dots), XLA's own fusions (elementwise: GroupNorm, SiLU, the optimizer), collectives and
+copies, each in ms per step and as a share of the XLA op time. It also prints the host
+side: Python dispatch of each step (`PjitFunction`) and the batch preparation, against the
+wall time per step. The README's trace summary comes from here.
 """
 
 import collections
@@ -18,16 +20,12 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# Every cfg_jax import of this benchmark, in one block (the package layout may move).
-from cfg_jax import cli, data, generate, models, pipeline, schedules, xla_flags
-from cfg_jax.train import diffusion as diffusion_training
-from cfg_jax.train import loop
+from cfg_jax import data, distributed, models, pipeline, schedules, sharded_sampling
+from cfg_jax.app import startup, xla_flags
+from cfg_jax.train import denoiser, loop
 
 import jax
 import numpy as np
@@ -35,11 +33,15 @@ from absl import app, flags
 from jax.tree_util import Partial
 from ml_collections import config_flags
 
+import machine
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py"))
 _STEPS = flags.DEFINE_integer("steps", 30, "Training steps traced (after a warm-up).")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 256, "CFG sampling batch.")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 10, "DDIM steps traced.")
+_QUICK = flags.DEFINE_bool("quick", False, "3 train steps and 2 sampler steps at batch 16: "
+                           "checks that it runs, not a measurement.")
 
 
 def _fusion_roots(dump_folder: str) -> dict:
@@ -111,14 +113,14 @@ def _report(title: str, per: int, wall: float, kinds: collections.Counter, host:
 
 
 def trace_training(config) -> None:
-  mesh = loop.data_mesh()
+  mesh = distributed.data_mesh()
   split = data.load_split(config.data.name, "train")
-  graphdef, params = diffusion_training.create_unet(config, 0)
+  graphdef, params = denoiser.create_unet(config, 0)
   tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
-  state = loop.replicate(loop.init_state(params, tx, with_ema=True), mesh)
+  state = distributed.replicate_tree(loop.init_state(params, tx, with_ema=True), mesh)
   step_fn = loop.one_step_in_flight(loop.jit_data_parallel(
-      diffusion_training.make_train_step(graphdef, tx, schedules.from_config(config.diffusion),
-                                         config), mesh), mesh)
+      denoiser.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config),
+      mesh), mesh)
   batches = data.batches(split, config.train.batch_size, seed=0)
   key = jax.random.key(0)
   prepare_s = [0.0]
@@ -135,7 +137,7 @@ def trace_training(config) -> None:
   state = run(state, 3)  # compile and warm up
   prepare_s[0] = 0.0
   holder = {"state": state}
-  steps = _STEPS.value
+  steps = 3 if _QUICK.value else _STEPS.value
   wall, kinds, dispatch = _traced(lambda: holder.update(state=run(holder["state"], steps)))
   _report(f"train step, batch {config.train.batch_size}", steps, wall, kinds,
           f"host: Python dispatch {dispatch / steps * 1e3:.2f} ms and batch preparation "
@@ -143,14 +145,15 @@ def trace_training(config) -> None:
 
 
 def trace_sampling(config) -> None:
-  graphdef, params = diffusion_training.create_unet(config, 0)
+  graphdef, params = denoiser.create_unet(config, 0)
   model = pipeline.Pipeline.from_config(config, Partial(models.apply, graphdef, params))
-  labels = np.arange(_SAMPLE_BATCH.value) % model.num_classes
-  steps = _SAMPLE_STEPS.value
+  labels = np.arange(16 if _QUICK.value else _SAMPLE_BATCH.value) % model.num_classes
+  steps = 2 if _QUICK.value else _SAMPLE_STEPS.value
 
   def run():
-    generate.sample_sharded(jax.random.key(0), model, labels, method="ddim", num_steps=steps,
-                            guidance_scale=3.0, timestep_spacing="trailing")
+    sharded_sampling.sample_sharded(jax.random.key(0), model, labels, method="ddim",
+                                    num_steps=steps, guidance_scale=3.0,
+                                    timestep_spacing="trailing")
 
   run()  # compile
   wall, kinds, dispatch = _traced(run)
@@ -160,12 +163,12 @@ def trace_sampling(config) -> None:
 
 def main(argv):
   del argv
-  cli.tune_allocator()
+  startup.tune_allocator()
   config = _CONFIG.value
-  print(f"JAX {jax.__version__} on {jax.device_count()}x {jax.devices()[0].device_kind}, "
-        f"{os.cpu_count()} CPU cores")
+  print(machine.describe())
   trace_training(config)
   trace_sampling(config)
+  print(machine.load())
 
 
 # XLA writes each optimised program here, to tell the convolutions among its fusions.

@@ -1,35 +1,33 @@
-"""cfg_jax against a layer-for-layer PyTorch twin, side by side in one process.
+"""Speed of cfg_jax against a layer-for-layer PyTorch twin (`torch_twin.py`), in one process.
 
-  pip install -e .[bench]                  # torch (CPU build is enough here)
-  python benchmarks/vs_pytorch.py          # full run, a few minutes on 2 cores
-  python benchmarks/vs_pytorch.py --quick  # under ~2 minutes, fewer steps and rounds
+  pip install -e '.[bench]'                # torch (the CPU build is enough)
+  python benchmarks/vs_pytorch.py --quick  # ~2 minutes on a quiet 2-core machine
+  python benchmarks/vs_pytorch.py          # DDIM-50, 30 training steps per block, 3 rounds
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python benchmarks/vs_pytorch.py  # A/B
 
-Prints training images/s (batch 64) and CFG DDIM-50 sampling images/s (batch 256 and 16) for
-both, and the JAX/PyTorch ratios; then JAX-internal step costs: a CFG step against an
-unguided one, and a classifier-guided step on γ = 0 against an unguided one (with the bound
-the issue sets: one unguided pass plus the classifier's forward and backward). JAX runs the
-paths train.py and sample.py take: the batch split over every device, which on a multi-core
-CPU are the entry points' two host devices (cfg_jax/xla_flags.py).
+Measures, for both sides: training images/s (batch 64) and CFG DDIM sampling images/s
+(batch 256 and 16), with the JAX/PyTorch ratio of each. Then JAX alone: the cost of a
+sampler step with classifier-free guidance and with classifier guidance (s = 1 on γ = 0),
+each as a ratio to an unguided step, against its bound (one unguided pass plus the
+classifier's forward and backward). JAX runs the paths train.py and sample.py take: the
+batch split over every device, on a multi-core CPU the two host devices that
+`cfg_jax.app.xla_flags.configure()` sets up.
 
-The machines this runs on are shared and noisy, so every measurement is a timed block, and
-JAX and PyTorch blocks alternate (ABBA order) over several rounds; the ratios use the best
-block of each side and the spread (median/best) is printed. Untrained weights: speed does
-not depend on them (both sides get the same random weights).
+On a shared, noisy machine every measurement is a timed block, and JAX and PyTorch blocks
+alternate (ABBA) over several rounds; ratios use the best block of each side and the
+spread (median/best) is printed. Untrained weights: speed does not depend on them (both
+sides get the same random weights).
 """
 
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-# Every cfg_jax import of this benchmark, in one block (the package layout may move).
-from cfg_jax import cli, data, generate, models, pipeline, sampling, schedules, xla_flags
+from cfg_jax import data, distributed, models, pipeline, schedules, sharded_sampling
+from cfg_jax.app import startup, xla_flags
+from cfg_jax.sampling import guided
 from cfg_jax.train import classifier as classifier_training
-from cfg_jax.train import diffusion as diffusion_training
-from cfg_jax.train import loop
+from cfg_jax.train import denoiser, loop
 
 try:
   import torch
@@ -44,6 +42,7 @@ from absl import app, flags
 from jax.tree_util import Partial
 from ml_collections import config_flags
 
+import machine
 import torch_twin
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -87,13 +86,13 @@ def bench_training(config, jax_params, twin, rounds, steps):
   step); the JAX step is the project's own jitted, donating data-parallel step."""
   b = _TRAIN_BATCH.value
   spec = data.spec(config.data.name)
-  mesh = loop.data_mesh()
-  graphdef, _ = diffusion_training.create_unet(config, 0)
+  mesh = distributed.data_mesh()
+  graphdef, _ = denoiser.create_unet(config, 0)
   tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
-  state = loop.replicate(loop.init_state(jax_params, tx, with_ema=True), mesh)
+  state = distributed.replicate_tree(loop.init_state(jax_params, tx, with_ema=True), mesh)
   step = loop.one_step_in_flight(loop.jit_data_parallel(
-      diffusion_training.make_train_step(graphdef, tx, schedules.from_config(config.diffusion),
-                                         config), mesh), mesh)  # as loop.fit runs it
+      denoiser.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config),
+      mesh), mesh)  # as loop.fit runs it
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (b, *spec.image_shape)).astype(np.float32)
   labels = rng.integers(0, spec.num_classes, b).astype(np.int32)
@@ -137,8 +136,8 @@ def bench_sampling(config, eps_fn, twin_eval, batch, rounds, num_steps):
   h, w, c = spec.image_shape
 
   def jax_block():
-    generate.sample_sharded(jax.random.key(0), model, labels, method="ddim",
-                            num_steps=num_steps, guidance_scale=_GUIDANCE.value)
+    sharded_sampling.sample_sharded(jax.random.key(0), model, labels, method="ddim",
+                                    num_steps=num_steps, guidance_scale=_GUIDANCE.value)
 
   def torch_block():
     torch_twin.ddim_cfg_sample(twin_eval, abar, labels_t, num_steps=num_steps,
@@ -159,18 +158,18 @@ def bench_guidance_ratios(config, eps_fn, batch, rounds, num_steps):
   labels = np.arange(batch) % spec.num_classes
 
   def run(**kw):
-    return lambda: generate.sample_sharded(jax.random.key(0), model, labels, method="ddim",
-                                           num_steps=num_steps, **kw)
+    return lambda: sharded_sampling.sample_sharded(jax.random.key(0), model, labels,
+                                                   method="ddim", num_steps=num_steps, **kw)
 
   # What classifier guidance adds: the classifier's forward + backward, split the same way.
-  mesh = loop.data_mesh()
+  mesh = distributed.data_mesh()
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   x = jax.device_put(np.random.default_rng(1).standard_normal(
       (batch, *spec.image_shape)).astype(np.float32), batch_sharding)
   t = jax.device_put(np.full((batch,), 500, np.int32), batch_sharding)
   y = jax.device_put(labels.astype(np.int32), batch_sharding)
-  replicated_fn = generate.replicated(model, mesh).classifier_fn
-  grad_fn = jax.jit(lambda fn, x: sampling.classifier_gradient(fn, x, t, y, 1.0))
+  replicated_fn = sharded_sampling.replicate_model(model, mesh).classifier_fn
+  grad_fn = jax.jit(lambda fn, x: guided.classifier_gradient(fn, x, t, y, 1.0))
 
   def classifier_only():
     for _ in range(num_steps):
@@ -195,14 +194,14 @@ def bench_guidance_ratios(config, eps_fn, batch, rounds, num_steps):
   for name, v in ms.items():
     print(f"  {name:30s} {v:7.1f} ms/step  {v / base:5.2f}x unguided")
   bound = (base + ms["classifier fwd+bwd alone"]) / base
-  print(f"  target: CFG <= 1.90x; classifier-guided <= {bound:.2f}x "
+  print(f"  bound: CFG 2.00x (twice the images per pass); classifier-guided {bound:.2f}x "
         "(unguided + classifier fwd+bwd)")
   return ms
 
 
 def main(argv):
   del argv
-  cli.tune_allocator()  # as the entry points do
+  startup.tune_allocator()  # as the entry points do
   torch.set_num_threads(os.cpu_count())
   # XLA:CPU runs with denormals flushed to zero; give the twin the same arithmetic.
   torch.set_flush_denormal(True)
@@ -211,11 +210,10 @@ def main(argv):
   train_steps = 10 if quick else _TRAIN_STEPS.value
   sample_steps = 10 if quick else _SAMPLE_STEPS.value
   config = _CONFIG.value
-  print(f"JAX {jax.__version__} on {jax.device_count()}x {jax.devices()[0].device_kind} | "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads | "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(machine.describe())
+  print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-  graphdef, params = diffusion_training.create_unet(config, 0)
+  graphdef, params = denoiser.create_unet(config, 0)
   # Random (not zero) output layers, so no side can shortcut a zero branch.
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(
@@ -240,8 +238,7 @@ def main(argv):
     # Training mutates the weights, so it runs last.
     results["train"] = bench_training(config, params, twin_eval, rounds, train_steps)
   print("JAX/torch: " + " | ".join(f"{k} {j / t:.2f}x" for k, (j, t) in results.items()))
-  print(f"load average at the end: {os.getloadavg()[0]:.2f} (above ~2 means other jobs "
-        "shared the 2 cores; rerun)" if os.cpu_count() <= 2 else "")
+  print(machine.load())
 
 
 if __name__ == "__main__":

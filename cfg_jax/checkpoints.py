@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from cfg_jax import distributed, errors
+from cfg_jax import distributed, errors, progress
 
 
 class CheckpointError(errors.UserError):
@@ -151,8 +151,6 @@ def resume(mngr, state, config_dict: dict, keys: Iterable[str]):
   others wait) and the one before it is used, with a message saying so. A readable one that
   does not fit `state` is an error, never moved (see `restore`).
   """
-  from cfg_jax import console
-
   steps = sorted(mngr.all_steps(), reverse=True)
   for i, step in enumerate(steps):
     try:
@@ -162,7 +160,7 @@ def resume(mngr, state, config_dict: dict, keys: Iterable[str]):
     else:
       check_compatible(saved, config_dict, keys)  # a contradiction is never skipped
       try:
-        return restore(mngr, abstract(state), step)[0]
+        return restore(mngr, restore_target(state), step)[0]
       except CheckpointError as e:
         failure = e
     if i + 1 == len(steps):
@@ -173,7 +171,7 @@ def resume(mngr, state, config_dict: dict, keys: Iterable[str]):
       os.replace(os.path.join(str(mngr.directory), str(step)), aside)
     distributed.barrier(f"cfg_jax: {mngr.directory} step {step} moved aside")
     mngr.reload()
-    console.say(f"The checkpoint at step {step} is unreadable ({failure}); moved it to "
+    progress.say(f"The checkpoint at step {step} is unreadable ({failure}); moved it to "
                 f"{aside} and falling back to step {steps[i + 1]}.")
   return state
 
@@ -225,5 +223,6 @@ def check_compatible(saved: dict, current: dict, keys: Iterable[str]) -> None:
                           + "; ".join(diffs) + "); use a new --workdir or the saved values.")
 
 
-def abstract(tree: Any):
+def restore_target(tree: Any):
+  """`tree` as jax.ShapeDtypeStructs (with shardings): what Orbax restores into."""
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)

@@ -32,20 +32,20 @@ def signal_and_noise_scales(schedule: Schedule, t, x):
 
 def q_sample(schedule: Schedule, x0, t, noise):
   """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε."""
-  signal, sigma = signal_and_noise_scales(schedule, t, x0)
-  return signal * x0 + sigma * noise
+  signal, noise_std = signal_and_noise_scales(schedule, t, x0)
+  return signal * x0 + noise_std * noise
 
 
 def predict_x0_from_eps(schedule: Schedule, x_t, t, eps):
   """x0 = (x_t − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t)."""
-  signal, sigma = signal_and_noise_scales(schedule, t, x_t)
-  return (x_t - sigma * eps) / signal
+  signal, noise_std = signal_and_noise_scales(schedule, t, x_t)
+  return (x_t - noise_std * eps) / signal
 
 
 def predict_eps_from_x0(schedule: Schedule, x_t, t, x0):
   """ε = (x_t − sqrt(ᾱ_t)·x0) / sqrt(1 − ᾱ_t)."""
-  signal, sigma = signal_and_noise_scales(schedule, t, x_t)
-  return (x_t - signal * x0) / sigma
+  signal, noise_std = signal_and_noise_scales(schedule, t, x_t)
+  return (x_t - signal * x0) / noise_std
 
 
 def drop_labels(key, labels, p_uncond, null_label):

@@ -9,11 +9,12 @@ One process per host runs the same program; `jax.distributed.initialize()` joins
 * `--multihost` (`multihost=True`): JAX detects SLURM, Open MPI, TPU pod slices and other
   managed clusters itself.
 
-With neither, nothing happens and the program runs on one host as before.
+With neither, nothing happens and the program runs on one host.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Callable
 
@@ -40,7 +41,7 @@ def maybe_initialize(multihost: bool = False) -> bool:
     return True
   if not requested(multihost):
     return False
-  if _cpu_only():
+  if cpu_is_the_backend():
     # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
@@ -54,22 +55,32 @@ def maybe_initialize(multihost: bool = False) -> bool:
                               f"integers too (got {os.environ.get(ENV_COUNT)!r}, "
                               f"{os.environ.get(ENV_ID)!r}).") from None
   jax.distributed.initialize(**kwargs)
-  if _cpu_only():
+  if cpu_is_the_backend():
     # Gloo gives peers 30 s to join a new communicator. Made now, while every process is
     # at the same line; made at the first train step, one slow compile could exceed it.
     barrier("cfg_jax: all processes joined")
   return True
 
 
-def _cpu_only() -> bool:
-  platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
-  if platforms:
-    return platforms.split(",")[0].strip() == "cpu"
-  import importlib.util
+# JAX's accelerator plugins: with none installed (and no JAX_PLATFORMS), JAX runs on its CPU.
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin",
+                       "jax_rocm60_plugin", "libtpu")
 
-  # No accelerator plugin installed: JAX will run on CPU.
-  return not any(importlib.util.find_spec(name) for name in
-                 ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu"))
+
+def cpu_is_the_backend() -> bool:
+  """Whether JAX will run on its CPU backend, judged without starting any backend."""
+  platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
+  if platforms.strip():
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  return not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
+
+
+def data_mesh(devices=None):
+  """A 1-D mesh over every device JAX sees (or the given ones), axis name "data"."""
+  devices = jax.devices() if devices is None else devices
+  # Auto axes: XLA propagates the batch sharding through the model (GSPMD).
+  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
 
 
 def process_index() -> int:

@@ -43,10 +43,6 @@ class StepContext(NamedTuple):
   t: jnp.ndarray
 
   @property
-  def abar(self):
-    return self.schedule.alphas_cumprod[self.t]
-
-  @property
   def sigma(self):
     """σ_t = sqrt((1 − ᾱ_t)/ᾱ_t), shape (B,), from the schedule's float64-derived tables."""
     signal, noise_std = self.schedule.scales(self.t)
@@ -313,71 +309,3 @@ def _show(array):
   if array.ndim == 1 and array.size <= 8:
     return repr(array.tolist())
   return f"an array of shape {array.shape}"
-
-
-# The --guidance names of the rules, and the scale each takes when none is given.
-KINDS = ("cfg", "apg", "cfgpp", "autoguidance")
-DEFAULT_SCALES = {"cfg": 3.0, "apg": 3.0, "cfgpp": 0.6, "autoguidance": 2.0}
-_KIND_OPTIONS = {
-    "cfg": ("interval", "weight_schedule", "rescale"),
-    "apg": ("apg_eta", "apg_momentum", "apg_norm_threshold"),
-    "cfgpp": (),
-    "autoguidance": (),
-}
-
-
-def make_rule(kind: str = "cfg", scale=None, *, method: Optional[str] = None,
-              weak_eps_fn=None, **options):
-  """The rule that the sample.py/sweep.py flags describe; None means "not given".
-
-  Args:
-    kind: one of KINDS.
-    scale: the rule's scale (a scalar or a 1-D array to sweep); None: DEFAULT_SCALES[kind].
-    method: the sampler, when known, so CFG++ off DDIM fails before any model is loaded.
-    weak_eps_fn: autoguidance's weaker ε-function.
-    **options: `interval` ("lo,hi" or a pair, in σ), `weight_schedule`, `rescale` (cfg);
-      `apg_eta`, `apg_momentum`, `apg_norm_threshold` (apg). Errors name them as flags.
-  """
-  if kind not in KINDS:
-    raise errors.InputError(f"Unknown --guidance {kind!r}; use one of {', '.join(KINDS)}.")
-  known = {name for names in _KIND_OPTIONS.values() for name in names}
-  for name, value in options.items():
-    if name not in known:
-      raise TypeError(f"make_rule got an unknown option {name!r}.")
-    if value is not None and name not in _KIND_OPTIONS[kind]:
-      owner = next(k for k, names in _KIND_OPTIONS.items() if name in names)
-      raise errors.InputError(f"--{name} applies to --guidance={owner} only, not "
-                              f"--guidance={kind}.")
-  if kind != "autoguidance" and weak_eps_fn is not None:
-    raise errors.InputError(f"A weak model applies to --guidance=autoguidance only, not "
-                            f"--guidance={kind}.")
-  if kind == "cfgpp" and method not in (None, "ddim"):
-    raise errors.InputError(f"--guidance=cfgpp works with --method=ddim only, got "
-                            f"--method={method}.")
-  scale = DEFAULT_SCALES[kind] if scale is None else scale
-  given = {k: v for k, v in options.items() if v is not None}
-  if kind == "cfg":
-    if "interval" in given:
-      given["interval"] = parse_interval(given["interval"])
-    return CFG(scale=scale, **given)
-  if kind == "apg":
-    return APG(scale=scale, **{k[len("apg_"):]: v for k, v in given.items()})
-  if kind == "cfgpp":
-    return CFGPlusPlus(scale=scale)
-  if weak_eps_fn is None:
-    raise errors.InputError("--guidance=autoguidance needs a weak model; pass --weak_step N (an "
-                            "earlier checkpoint of this run) or --weak_workdir DIR.")
-  return Autoguidance(scale=scale, weak_eps_fn=weak_eps_fn)
-
-
-def parse_interval(value) -> Tuple[float, float]:
-  """"lo,hi" (σ; "inf" allowed) or a pair → (lo, hi) with 0 <= lo < hi."""
-  parts = value.split(",") if isinstance(value, str) else value
-  try:
-    lo, hi = (float(v) for v in parts)
-  except (TypeError, ValueError):
-    raise errors.InputError(f"--interval must be two numbers sigma_lo,sigma_hi (e.g. 0.28,5.42), "
-                            f"got {value!r}.") from None
-  if not (0 <= lo < hi) or math.isnan(hi):
-    raise errors.InputError(f"--interval needs 0 <= sigma_lo < sigma_hi, got {lo:g},{hi:g}.")
-  return lo, hi

@@ -22,17 +22,11 @@ import dataclasses
 import os
 from typing import Optional
 
-import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.tree_util import Partial
 
-from cfg_jax import checkpoints, data, errors, models, sampling, schedules
-from cfg_jax import guidance as guidance_lib
-from cfg_jax.models import unet
-from cfg_jax.train import classifier as classifier_training
-from cfg_jax.train import diffusion as diffusion_training
+from cfg_jax import checkpoints, models, paths, sampling, schedules
 
 # What a classifier and a diffusion model must share for the classifier to guide it; the
 # data set fixes the image shape and the number of classes.
@@ -46,18 +40,27 @@ class Pipeline:
   eps_fn: Partial  # ε(x_t, t, y) over the EMA parameters
   schedule: schedules.Schedule
   num_classes: int
-  null_label: int  # == num_classes: the label id that means "no label"
+  null_label: Optional[int]  # the label id that means "no label"; None: the model has none
   image_shape: tuple[int, ...]
   config: ml_collections.ConfigDict
   classifier_fn: Optional[Partial] = None  # p_φ(y | x_t, t) logits, if trained
+  learned_variance: bool = False  # the network also predicts the variance (learn_sigma)
+  denoiser_fn: Optional[Partial] = None  # with learned_variance: ε and the variance values
+  class_names: Optional[tuple[str, ...]] = None  # for labels given by name
 
   @classmethod
-  def from_config(cls, config, eps_fn, classifier_fn=None) -> "Pipeline":
-    """A pipeline over given ε- and classifier functions of a model trained with `config`."""
-    spec = data.spec(config.data.name)
+  def from_config(cls, config, network_fn, classifier_fn=None) -> "Pipeline":
+    """A pipeline over the denoiser `network_fn(x_t, t, y)` and the classifier function of a
+    model trained (or converted) with `config`."""
+    info = models.describe(config)
+    eps_fn, denoiser_fn = network_fn, None
+    if info.learned_variance:  # the network returns ε and the variance values
+      eps_fn, denoiser_fn = Partial(eps_channels, network_fn), network_fn
     return cls(eps_fn=eps_fn, schedule=schedules.from_config(config.diffusion),
-               num_classes=spec.num_classes, null_label=spec.num_classes,
-               image_shape=tuple(spec.image_shape), config=config, classifier_fn=classifier_fn)
+               num_classes=info.num_classes, null_label=info.null_label,
+               image_shape=info.image_shape, config=config, classifier_fn=classifier_fn,
+               learned_variance=info.learned_variance, denoiser_fn=denoiser_fn,
+               class_names=info.class_names)
 
   def sample(self, key, labels, **options):
     """`sampling.sample` with this model filled in; `options` are the sampler's keywords.
@@ -66,53 +69,47 @@ class Pipeline:
     section. The classifier (if any) is passed unless `classifier_scale` is a plain 0, so
     unguided sampling compiles without it.
     """
-    self._warn_if_unguidable(options)
-    defaults = dict(method=self.config.sampling.method, num_steps=self.config.sampling.num_steps,
-                    eta=self.config.sampling.eta)
-    scale = options.get("classifier_scale", 0.0)
+    defaults = self._sampler_defaults()
+    scale = options.get("classifier_scale", defaults.get("classifier_scale", 0.0))
     if not (isinstance(scale, (int, float)) and scale == 0):
       defaults["classifier_fn"] = self.classifier_fn
-    return sampling.sample(key, self.eps_fn, self.schedule, labels,
+    network_fn = self.denoiser_fn if self.learned_variance else self.eps_fn
+    return sampling.sample(key, network_fn, self.schedule, labels,
                            image_shape=self.image_shape, null_label=self.null_label,
-                           num_classes=self.num_classes, **{**defaults, **options})
+                           num_classes=self.num_classes, learned_variance=self.learned_variance,
+                           **{**defaults, **options})
 
-  def _warn_if_unguidable(self, options) -> None:
-    """With p_uncond = 0 the null label was never trained, so any guidance that reads
-    ε(x, t, ∅) (γ ≠ 1, a swept scale, APG, CFG++) mixes in garbage."""
-    if self.config.diffusion.get("p_uncond", 1.0) != 0:
-      return
-    rule = options.get("guidance")
-    if rule is None:
-      scale = options.get("guidance_scale")
-      if scale is None:
-        return  # γ = 1: the conditional model alone
-      try:
-        rule = guidance_lib.CFG(scale=scale)
-      except errors.UserError:
-        return  # the sampler names the bad scale
-    if isinstance(rule, guidance_lib.RULES) and sampling.uses_null_label(rule):
-      logging.warning("%s needs the unconditional model, but this one was trained with "
-                      "p_uncond=0 (the null label never trained), so expect garbage; use "
-                      "guidance_scale=1 (the conditional model alone).", _describe(rule))
+  def check_options(self, **options) -> None:
+    """Raises an InputError for sampler options (`sample`'s keywords) that cannot work with
+    this model, before anything is sampled; `sampling.check_options` with the defaults."""
+    options = {**self._sampler_defaults(), **options}
+    sampling.check_options(self.schedule, **{name: options[name] for name in _SAMPLER_OPTIONS
+                                             if name in options})
+
+  def _sampler_defaults(self) -> dict:
+    """The config's `sampling` section: method, num_steps, eta (and timestep_spacing and
+    classifier_scale where it sets them, as a converted checkpoint's does)."""
+    section = self.config.sampling
+    defaults = dict(method=section.method, num_steps=section.num_steps, eta=section.eta)
+    for name in ("timestep_spacing", "classifier_scale"):
+      if section.get(name) is not None:
+        defaults[name] = section[name]
+    return defaults
 
 
-def _describe(rule) -> str:
-  """The guidance as a user writes it, e.g. "guidance_scale=3" or "APG(scale=[1.0, 2.0])"."""
-  if isinstance(rule.scale, jax.core.Tracer):
-    shown = "traced"
-  else:
-    scale = np.asarray(rule.scale)
-    shown = f"{float(scale):g}" if scale.ndim == 0 else str(scale.tolist())
-  if isinstance(rule, guidance_lib.CFG) and rule.weight_schedule == "constant":
-    return f"guidance_scale={shown}"
-  return f"{type(rule).__name__}(scale={shown})"
+def eps_channels(network_fn, x_t, t, y):
+  """ε alone: the first half of the channels of a network that also predicts the variance."""
+  return network_fn(x_t, t, y)[..., :x_t.shape[-1]]
+
+
+_SAMPLER_OPTIONS = ("method", "num_steps", "eta", "timestep_spacing", "dynamic_threshold")
 
 
 def load(workdir: str, classifier_workdir: Optional[str] = None,
          step: Optional[int] = None) -> Pipeline:
   """The EMA model of `workdir` at `step` (default: the latest), with the noisy classifier
   of `classifier_workdir` (default: the same workdir) when one has been trained there."""
-  config, eps_fn = _load_eps(os.path.join(workdir, diffusion_training.CHECKPOINT_DIR), step)
+  config, eps_fn = _load_eps(paths.diffusion_checkpoints(workdir), step)
   classifier_fn = _load_classifier(classifier_workdir or workdir, config,
                                    required=classifier_workdir is not None)
   return Pipeline.from_config(config, eps_fn, classifier_fn)
@@ -122,7 +119,7 @@ def load_weak(main: Pipeline, workdir: str, step: Optional[int] = None) -> Pipel
   """Autoguidance's weak model: the EMA model of `workdir` at `step` (default: the latest),
   e.g. an early kept step of the main run or a smaller or shorter run. It must share the
   main model's data set (so image shape and classes) and noise schedule."""
-  directory = os.path.join(workdir, diffusion_training.CHECKPOINT_DIR)
+  directory = paths.diffusion_checkpoints(workdir)
   saved = checkpoints.read_config(directory, step)
   diffs = checkpoints.config_differences(saved, main.config.to_dict(), _SHARED_SECTIONS)
   if diffs:
@@ -140,13 +137,13 @@ def load_weak(main: Pipeline, workdir: str, step: Optional[int] = None) -> Pipel
 def _load_eps(directory: str, step: Optional[int]):
   """(config, ε-function over the EMA parameters) of the checkpoint of `step`."""
   config = ml_collections.ConfigDict(checkpoints.read_config(directory, step))
-  graphdef, abstract_params = models.abstract(unet.UNet, models.model_config(config))
+  graphdef, abstract_params = models.abstract(*models.denoiser(config))
   ema_params = checkpoints.restore_subtree(directory, "ema_params", abstract_params, step)
   return config, Partial(models.apply, graphdef, ema_params)
 
 
 def _load_classifier(workdir: str, diffusion_config, required: bool) -> Optional[Partial]:
-  directory = os.path.join(workdir, classifier_training.CHECKPOINT_DIR)
+  directory = paths.classifier_checkpoints(workdir)
   if not required and not os.path.isdir(directory):
     return None
   config = checkpoints.read_config(directory)
@@ -156,7 +153,6 @@ def _load_classifier(workdir: str, diffusion_config, required: bool) -> Optional
         f"The classifier in {directory} was not trained for this diffusion model "
         f"({'; '.join(diffs)}); train one with the same data set and schedule.")
   config = ml_collections.ConfigDict(config)
-  graphdef, abstract_params = models.abstract(
-      unet.NoisyClassifier, models.model_config(config, config.classifier.model))
+  graphdef, abstract_params = models.abstract(*models.classifier(config))
   params = checkpoints.restore_subtree(directory, "params", abstract_params)
   return Partial(models.apply, graphdef, params)

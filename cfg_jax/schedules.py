@@ -138,3 +138,4 @@ def _check_num_timesteps(num_timesteps):
 
 
 _BY_NAME = {"linear": linear, "cosine": cosine}
+NAMES = tuple(_BY_NAME)  # the config names `get` knows

@@ -21,23 +21,23 @@ def main(workdir: str, out: str) -> None:
   distributed.maybe_initialize()
   import jax
 
-  from cfg_jax import console
+  from cfg_jax.app import console
 
   console.setup()  # console lines on stderr, as the entry points show them
 
-  from cfg_jax import data, generate, pipeline
-  from cfg_jax.train import diffusion
+  from cfg_jax import data, pipeline, sharded_sampling
+  from cfg_jax.train import denoiser
   from configs import digits_tiny
 
   config = digits_tiny.get_config()
   split = data.load_split("digits", "train")
   config.train.num_steps = 2
-  diffusion.train(config, workdir, split)  # checkpoint at step 2, then the process "stops"
+  denoiser.train(config, workdir, split)  # checkpoint at step 2, then the process "stops"
   config.train.num_steps = 4
-  _, state = diffusion.train(config, workdir, split)  # resumes from the step-2 checkpoint
+  _, state = denoiser.train(config, workdir, split)  # resumes from the step-2 checkpoint
   model = pipeline.load(workdir)
   labels = np.arange(NUM_SAMPLES) % 10
-  samples = generate.generate(jax.random.key(7), model, labels, batch_size=NUM_SAMPLES,
+  samples = sharded_sampling.sample_batches(jax.random.key(7), model, labels, batch_size=NUM_SAMPLES,
                               num_steps=3, guidance_scale=2.0)
   if not distributed.is_main():
     return

@@ -8,7 +8,7 @@ import chex
 import jax
 import numpy as np
 
-from cfg_jax import sampling
+from cfg_jax.sampling import loop
 
 
 def diffusers_timesteps(T, n, spacing, multistep=False):
@@ -136,6 +136,6 @@ def dpmpp_2m(x_T, ts, abar_all, eps_step, *, clip=False, p=None, grad=None):
 
 def install_trace_counter(monkeypatch, n):
   """Makes the sampler fail (chex.assert_max_traces) once it is traced more than n times."""
-  counted = chex.assert_max_traces(sampling._sample_impl, n=n)
-  monkeypatch.setattr(sampling, "_sample_jit",
-                      jax.jit(counted, static_argnames=sampling._STATIC_ARGNAMES))
+  counted = chex.assert_max_traces(loop.sample_loop, n=n)
+  monkeypatch.setattr(loop, "sample_loop_jit",
+                      jax.jit(counted, static_argnames=loop.STATIC_ARGNAMES))

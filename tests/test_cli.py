@@ -7,13 +7,14 @@ import os
 import pytest
 from absl import logging
 
-from cfg_jax import cli, config_checks, console, errors
+from cfg_jax import errors
+from cfg_jax.app import config_checks, console, startup
 
 
 def test_a_stray_argument_is_an_input_error():
-  cli.reject_arguments(["train.py"])
+  startup.reject_arguments(["train.py"])
   with pytest.raises(errors.InputError, match="unexpected argument.*'extra'.*--help"):
-    cli.reject_arguments(["train.py", "extra"])
+    startup.reject_arguments(["train.py", "extra"])
 
 
 @pytest.mark.parametrize("keep_steps", [("x",), (-1,), (0,), (1.5,), (True,)])
@@ -82,15 +83,15 @@ def test_orbax_chatter_stays_off_the_console_and_out_of_the_log_file(tmp_path):
 
 def test_a_failed_first_run_removes_its_new_workdir_but_never_an_existing_one(tiny_config,
                                                                              tmp_path):
-  from cfg_jax.train import job
+  from cfg_jax.app import train_job
 
   tiny_config.data.name = "mnist"  # not prepared here: fails after the lock and the log
   with pytest.raises(errors.UserError, match="not prepared"):
-    job.train_and_evaluate(tiny_config, str(tmp_path / "new" / "run"))
+    train_job.train_and_evaluate(tiny_config, str(tmp_path / "new" / "run"))
   assert os.listdir(tmp_path) == []  # "new" was made for the run: gone with it
   existing = tmp_path / "existing"
   existing.mkdir()
   (existing / "notes.txt").write_text("mine")
   with pytest.raises(errors.UserError, match="not prepared"):
-    job.train_and_evaluate(tiny_config, str(existing))
+    train_job.train_and_evaluate(tiny_config, str(existing))
   assert (existing / "notes.txt").read_text() == "mine"

@@ -16,14 +16,14 @@ import numpy as np
 import optax
 import pytest
 
-from cfg_jax import data
+from cfg_jax import data, distributed
 from cfg_jax.train import loop
 from tests.helpers import REPO
 
 SCRIPT = """
 import sys
 import jax, optax
-from cfg_jax import data
+from cfg_jax import data, distributed
 from cfg_jax.evaluation import evalnet
 from cfg_jax.train import loop
 
@@ -48,8 +48,8 @@ def test_many_quick_steps_over_two_cpu_devices_finish(tmp_path):
 
 def test_several_cpu_devices_run_one_step_at_a_time(monkeypatch, tmp_path):
   assert jax.device_count() == 8  # tests/conftest.py
-  assert loop._collectives_can_starve(loop.data_mesh())
-  assert not loop._collectives_can_starve(loop.data_mesh(jax.devices()[:1]))
+  assert loop._collectives_can_starve(distributed.data_mesh())
+  assert not loop._collectives_can_starve(distributed.data_mesh(jax.devices()[:1]))
   waits = []
   real_wait = jax.block_until_ready
   monkeypatch.setattr(jax, "block_until_ready", lambda x: waits.append(1) or real_wait(x))

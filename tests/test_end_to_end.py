@@ -98,27 +98,29 @@ def test_sample_cli_errors_are_one_line_and_keep_existing_files(workdir, tmp_pat
 
 
 def test_evaluate_and_sweep(workdir, tmp_path):
-  from cfg_jax.evaluation import evalnet, sweep
+  from cfg_jax import paths
+  from cfg_jax.app import sweep_job
+  from cfg_jax.evaluation import evalnet
 
   evalnet_dir = str(tmp_path / "evalnet")
   net = evalnet.load_or_train("digits", evalnet_dir, num_steps=60)
   assert 0.5 < net.test_accuracy <= 1.0
   assert evalnet.load_or_train("digits", evalnet_dir).test_accuracy == net.test_accuracy
-  rows = sweep.run_sweep(workdir=str(workdir), guidance_scales=(0.0, 3.0),
+  rows = sweep_job.run_sweep(workdir=str(workdir), guidance_scales=(0.0, 3.0),
                          classifier_scales=(1.0,), num_samples=20, num_steps=4,
                          out_dir=str(tmp_path / "sweep"), evalnet_dir=evalnet_dir)
   assert [(r["guidance"], r["scale"]) for r in rows] == [
       ("classifier-free", 0.0), ("classifier-free", 3.0), ("classifier", 1.0)]
-  for name in sweep.FILES:
+  for name in paths.SWEEP_FILES:
     assert (tmp_path / "sweep" / name).exists()
   with pytest.raises(FileExistsError):
-    sweep.run_sweep(workdir=str(workdir), guidance_scales=(1.0,), out_dir=str(tmp_path / "sweep"))
+    sweep_job.run_sweep(workdir=str(workdir), guidance_scales=(1.0,), out_dir=str(tmp_path / "sweep"))
   # evaluate.py scores any .npz in the evaluator's layout.
   samples = tmp_path / "real.npz"
-  from cfg_jax import data, io
+  from cfg_jax import data, images
 
   test = data.load_split("digits", "test")
-  np.savez(samples, arr_0=io.to_uint8(test.images[:100]), arr_1=test.labels[:100])
+  np.savez(samples, arr_0=images.to_uint8(test.images[:100]), arr_1=test.labels[:100])
   result = run("evaluate.py", "--samples", samples, "--evalnet_dir", evalnet_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   scores = json.load(open(tmp_path / "real.eval.json"))

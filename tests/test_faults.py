@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from cfg_jax import checkpoints, errors, locking
-from cfg_jax.train import diffusion as diffusion_training
-from cfg_jax.train import loop
+from cfg_jax import checkpoints, distributed, errors
+from cfg_jax.app import locking
+from cfg_jax.train import denoiser, loop
 from tests.helpers import REPO, TINY_CONFIG, assert_one_line_error, run_cli
 
 # Diffusion only, no grids: what a kill can interrupt is the loop and its checkpoints.
@@ -33,10 +33,10 @@ def _config(tiny_config, **train):
 
 def _state(workdir, config):
   """The final TrainState in `workdir/checkpoints`, read back from disk."""
-  _, params = diffusion_training.create_unet(config, 0)
+  _, params = denoiser.create_unet(config, 0)
   tx = loop.make_optimizer(**config.optimizer)
   mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), create=False)
-  return checkpoints.restore(mngr, checkpoints.abstract(loop.init_state(params, tx, True)))[0]
+  return checkpoints.restore(mngr, checkpoints.restore_target(loop.init_state(params, tx, True)))[0]
 
 
 def _assert_bitwise_equal(a, b):
@@ -53,13 +53,13 @@ def test_resume_equals_uninterrupted(tiny_config, digits_train, tmp_path):
   """Train 6 steps, or 2 and then resume to 6: the same losses at every step, bitwise."""
   config = _config(tiny_config, num_steps=6, log_every=1, checkpoint_every=2)
   whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-  one = loop.data_mesh(jax.devices()[:1])
-  _, reference = diffusion_training.train(config, whole, digits_train, mesh=one)
+  one = distributed.data_mesh(jax.devices()[:1])
+  _, reference = denoiser.train(config, whole, digits_train, mesh=one)
   config.train.num_steps = 3  # stops after the step-2 checkpoint: step 3 is logged, then lost
-  diffusion_training.train(config, split, digits_train, mesh=one)
+  denoiser.train(config, split, digits_train, mesh=one)
   shutil.rmtree(os.path.join(split, "checkpoints", "3"))  # as if killed before saving step 3
   config.train.num_steps = 6
-  _, resumed = diffusion_training.train(config, split, digits_train, mesh=one)
+  _, resumed = denoiser.train(config, split, digits_train, mesh=one)
   _assert_bitwise_equal(jax.device_get(reference.params), jax.device_get(resumed.params))
   _assert_bitwise_equal(jax.device_get(reference.ema_params), jax.device_get(resumed.ema_params))
   want, _ = _losses(whole)
@@ -82,9 +82,9 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_one_before(tiny_workdir,
       path.write_bytes(b"garbage")
   config = _config(tiny_config)
   mngr = checkpoints.manager(str(work / "checkpoints"))
-  _, params = diffusion_training.create_unet(config, 0)
+  _, params = denoiser.create_unet(config, 0)
   state = loop.init_state(params, loop.make_optimizer(**config.optimizer), with_ema=True)
-  restored = checkpoints.resume(mngr, state, config.to_dict(), diffusion_training.STATE_SECTIONS)
+  restored = checkpoints.resume(mngr, state, config.to_dict(), denoiser.STATE_SECTIONS)
   assert int(restored.step) == previous
   assert (tmp_path / "run" / f"checkpoints-unreadable-step{last}").is_dir()
   assert mngr.all_steps() == sorted(steps)[:-1]
@@ -101,13 +101,13 @@ def test_injected_nan_stops_and_keeps_the_last_good_checkpoint(tiny_workdir, tmp
   config = _config(tiny_config, num_steps=last + 4)
   config.optimizer.learning_rate, config.optimizer.warmup_steps = 1e8, 1
   with pytest.raises(loop.TrainingError, match=r"non-finite metrics \(.*loss=nan") as info:
-    diffusion_training.train(config, work, digits_train)
+    denoiser.train(config, work, digits_train)
   assert "array(" not in str(info.value)
   assert checkpoints.manager(os.path.join(work, "checkpoints")).latest_step() == last
   assert _digest(good) == before
   config.optimizer.learning_rate, config.optimizer.warmup_steps = 2e-3, 100
   config.train.num_steps = last + 2
-  _, state = diffusion_training.train(config, work, digits_train)
+  _, state = denoiser.train(config, work, digits_train)
   assert int(state.step) == last + 2
 
 
@@ -281,7 +281,7 @@ def test_kill_9_at_random_points_then_resume_is_bitwise_uninterrupted(tmp_path):
   # No corrupt checkpoint left: every one that remains restores.
   mngr = checkpoints.manager(os.path.join(work, "checkpoints"), create=False)
   for step in mngr.all_steps():
-    checkpoints.restore(mngr, checkpoints.abstract(expected), step)
+    checkpoints.restore(mngr, checkpoints.restore_target(expected), step)
   assert not _saving(work)
   steps = [json.loads(l)["step"] for l in open(os.path.join(work, "metrics.jsonl"))]
   assert steps == list(range(1, 13)), "metrics.jsonl repeats or misses steps"

@@ -1,4 +1,4 @@
-"""The guidance wiring: `guidance.make_rule`, kept checkpoints, autoguidance's weak model,
+"""The guidance wiring: `command_flags.make_rule`, kept checkpoints, autoguidance's weak model,
 swept generation, and the sample.py/sweep.py guidance flags on the tiny config."""
 
 import dataclasses
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfg_jax import checkpoints, guidance
+from cfg_jax import checkpoints, distributed, guidance, paths
+from cfg_jax.app import command_flags
 from tests.helpers import assert_one_line_error, run_cli as run
 
 
@@ -16,21 +17,21 @@ from tests.helpers import assert_one_line_error, run_cli as run
 
 def test_make_rule_builds_each_rule_from_flag_values():
   weak = lambda x, t, y: x  # noqa: E731
-  rule = guidance.make_rule("cfg", 2.0, interval="0.28,inf", weight_schedule="linear",
+  rule = command_flags.make_rule("cfg", 2.0, interval="0.28,inf", weight_schedule="linear",
                             rescale=0.7)
   assert isinstance(rule, guidance.CFG) and rule.scale == 2.0
   assert rule.interval == (0.28, np.inf) and rule.weight_schedule == "linear"
   assert rule.rescale == 0.7
-  assert guidance.make_rule("cfg") == guidance.CFG(scale=3.0)  # today's sample.py default
-  assert guidance.make_rule("apg", 4.0, apg_eta=0.5, apg_momentum=-0.5,
+  assert command_flags.make_rule("cfg") == guidance.CFG(scale=3.0)  # today's sample.py default
+  assert command_flags.make_rule("apg", 4.0, apg_eta=0.5, apg_momentum=-0.5,
                             apg_norm_threshold=2.0) == guidance.APG(4.0, 0.5, -0.5, 2.0)
-  assert guidance.make_rule("cfgpp", method="ddim") == guidance.CFGPlusPlus(0.6)
-  rule = guidance.make_rule("autoguidance", weak_eps_fn=weak)
+  assert command_flags.make_rule("cfgpp", method="ddim") == guidance.CFGPlusPlus(0.6)
+  rule = command_flags.make_rule("autoguidance", weak_eps_fn=weak)
   assert isinstance(rule, guidance.Autoguidance) and rule.weak_eps_fn is weak
-  swept = guidance.make_rule("apg", np.array([1.0, 2.0]))
+  swept = command_flags.make_rule("apg", np.array([1.0, 2.0]))
   np.testing.assert_array_equal(swept.scale, [1.0, 2.0])
   # Options left unset (None) are the rule's defaults.
-  assert guidance.make_rule("cfg", 1.5, interval=None, rescale=None) == guidance.CFG(1.5)
+  assert command_flags.make_rule("cfg", 1.5, interval=None, rescale=None) == guidance.CFG(1.5)
 
 
 @pytest.mark.parametrize("kind, scale, kwargs, message", [
@@ -53,7 +54,7 @@ def test_make_rule_builds_each_rule_from_flag_values():
 ])
 def test_make_rule_rejects_bad_combinations_in_one_line(kind, scale, kwargs, message):
   with pytest.raises(ValueError) as info:
-    guidance.make_rule(kind, scale, **kwargs)
+    command_flags.make_rule(kind, scale, **kwargs)
   assert message in str(info.value) and "\n" not in str(info.value)
 
 
@@ -69,7 +70,7 @@ def test_keep_steps_are_saved_and_survive_max_to_keep(tmp_path):
   def train_step(state, batch, key):
     return state.replace(step=state.step + 1, params=state.params + 1.0), {"loss": 0.0}
 
-  mesh = loop.data_mesh(jax.devices()[:1])
+  mesh = distributed.data_mesh(jax.devices()[:1])
   state = loop.TrainState(jnp.zeros((), jnp.int32), jnp.zeros(3), None, ())
   batches = iter(lambda: {"image": np.zeros((1, 1))}, None)
   mngr = checkpoints.manager(str(tmp_path), max_to_keep=1, keep_steps=(3,))
@@ -132,23 +133,24 @@ def test_weak_step_loads_that_steps_ema_model_and_refuses_a_mismatch(model, tiny
 
 @pytest.mark.slow
 def test_swept_generate_equals_separate_calls(model):
-  from cfg_jax import generate
+  from cfg_jax import sharded_sampling
 
   labels = np.arange(6) % 10
   rule = guidance.APG(scale=np.array([1.5, 3.0]), momentum=-0.5)
   kwargs = dict(batch_size=4, num_steps=4, method="dpmpp_2m", timestep_spacing="trailing")
-  swept = generate.generate(jax.random.key(1), model, labels, guidance=rule, **kwargs)
+  swept = sharded_sampling.sample_batches(jax.random.key(1), model, labels, guidance=rule,
+                                          **kwargs)
   assert swept.shape == (2, 6, 8, 8, 1) and swept.dtype == np.uint8
   for g, scale in enumerate([1.5, 3.0]):
-    alone = generate.generate(jax.random.key(1), model, labels,
-                              guidance=rule.replace(scale=scale), **kwargs)
+    alone = sharded_sampling.sample_batches(jax.random.key(1), model, labels,
+                                            guidance=rule.replace(scale=scale), **kwargs)
     diff = np.abs(swept[g].astype(int) - alone.astype(int))
     assert diff.max() <= 1 and np.mean(diff == 0) > 0.99  # float rounding at most
 
 
 @pytest.mark.slow
 def test_sample_with_each_rule_and_method_writes_samples(tiny_workdir, tmp_path):
-  from cfg_jax import generate
+  from cfg_jax.app import sample_job
 
   cases = {  # in-process: the same path as sample.py, less the flag parsing
       "cfg": (dict(guidance="cfg", guidance_scale=2.0, interval="0.5,20",
@@ -158,7 +160,7 @@ def test_sample_with_each_rule_and_method_writes_samples(tiny_workdir, tmp_path)
                 dict(method="ddim", timestep_spacing="trailing")),
   }
   for name, (rule, options) in cases.items():
-    npz, png = generate.sample_to_npz(workdir=str(tiny_workdir), out=str(tmp_path / f"{name}.npz"),
+    npz, png = sample_job.sample_to_npz(workdir=str(tiny_workdir), out=str(tmp_path / f"{name}.npz"),
                                       num_samples=3, num_steps=4, rule=rule, **options)
     with np.load(npz) as f:
       assert f["arr_0"].shape == (3, 8, 8, 1)
@@ -192,8 +194,10 @@ def test_bad_flag_combinations_exit_2_with_one_line(tiny_workdir, tmp_path):
 @pytest.mark.slow
 def test_sweep_samples_a_rules_scales_in_one_call_and_names_rows(model, tiny_workdir,
                                                                  tmp_path, monkeypatch):
-  from cfg_jax import generate
-  from cfg_jax.evaluation import METRIC_NAMES, evalnet, sweep
+  from cfg_jax import sharded_sampling
+  from cfg_jax.app import sample_job
+  from cfg_jax.app import sweep_job
+  from cfg_jax.evaluation import METRIC_NAMES, evalnet
 
   scored = []
 
@@ -201,14 +205,14 @@ def test_sweep_samples_a_rules_scales_in_one_call_and_names_rows(model, tiny_wor
     scored.append(samples)
     return {name: float(np.mean(samples)) for name in METRIC_NAMES}
 
-  monkeypatch.setattr(sweep, "evaluate", fake_evaluate)  # no evaluation network to train
+  monkeypatch.setattr(sweep_job, "evaluate", fake_evaluate)  # no evaluation network to train
   monkeypatch.setattr(evalnet, "load_or_train",
                       lambda *a, **k: type("Net", (), {"test_accuracy": 1.0})())
   calls = []
-  real_generate = generate.generate
-  monkeypatch.setattr(generate, "generate",
+  real_generate = sharded_sampling.sample_batches
+  monkeypatch.setattr(sharded_sampling, "sample_batches",
                       lambda *a, **k: calls.append(k) or real_generate(*a, **k))
-  rows = sweep.run_sweep(workdir=str(tiny_workdir), guidance_scales=(1.5, 3.0),
+  rows = sweep_job.run_sweep(workdir=str(tiny_workdir), guidance_scales=(1.5, 3.0),
                          classifier_scales=(1.0,), num_samples=6, num_steps=4,
                          out_dir=str(tmp_path), rule=dict(guidance="apg", apg_momentum=-0.5),
                          timestep_spacing="trailing")
@@ -217,10 +221,10 @@ def test_sweep_samples_a_rules_scales_in_one_call_and_names_rows(model, tiny_wor
   assert len(calls) == 2  # both APG scales in one generate call, then the classifier's
   np.testing.assert_array_equal(calls[0]["guidance"].scale, [1.5, 3.0])
   assert all(c["timestep_spacing"] == "trailing" for c in calls)
-  want = real_generate(jax.random.key(0), model, generate.balanced_labels(6, 10), num_steps=4,
+  want = real_generate(jax.random.key(0), model, sample_job.balanced_labels(6, 10), num_steps=4,
                        timestep_spacing="trailing", batch_size=500,
                        guidance=guidance.APG(scale=3.0, momentum=-0.5))
   assert np.abs(scored[1].astype(int) - want.astype(int)).max() <= 1
-  for name in sweep.FILES:
+  for name in paths.SWEEP_FILES:
     assert (tmp_path / name).exists()
-  assert sweep.rule_name({"guidance": "cfg"}) == "classifier-free"
+  assert sweep_job.rule_name({"guidance": "cfg"}) == "classifier-free"

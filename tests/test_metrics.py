@@ -88,12 +88,12 @@ def _class_images(labels, rng):
 def test_precision_recall_use_a_random_subset_of_the_real_set():
   """The real split is sorted by class: its first n images hold 2 of 10 classes, so
   precision would be 0.2 on balanced samples; a seeded random subset covers all classes."""
-  from cfg_jax import data, io
+  from cfg_jax import data, images
   from cfg_jax.evaluation import evaluate
 
   rng = np.random.default_rng(3)
   real_labels = np.repeat(np.arange(10), 50)  # class-sorted, 500 images
-  test = data.Split(images=io.from_uint8(_class_images(real_labels, rng)), labels=real_labels)
+  test = data.Split(images=images.from_uint8(_class_images(real_labels, rng)), labels=real_labels)
   train = data.Split(images=test.images[::5], labels=real_labels[::5])
   labels = np.arange(100) % 10  # balanced, n = 100 < 500 real images
   samples = _class_images(labels, rng)

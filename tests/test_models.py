@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from cfg_jax import models, schedules
-from cfg_jax.models import conv, unet
-from cfg_jax.train import diffusion as diffusion_training
+from cfg_jax.models import conv, layers, unet
+from cfg_jax.train import denoiser
 from configs import digits, digits_tiny
 
 CONFIG = ml_collections.ConfigDict(dict(
@@ -48,7 +48,7 @@ def test_noisy_classifier_logits():
 
 
 def test_timestep_embedding_matches_guided_diffusion():
-  emb = unet.timestep_embedding(jnp.array([0, 7]), 6)
+  emb = layers.timestep_embedding(jnp.array([0, 7]), 6)
   freqs = np.exp(-np.log(10_000) * np.arange(3) / 3)
   np.testing.assert_allclose(emb[1], np.concatenate([np.cos(7 * freqs), np.sin(7 * freqs)]),
                              rtol=1e-5)
@@ -90,7 +90,7 @@ def test_group_norm_matches_flax_group_norm_with_scale_shift():
 
 def test_bfloat16_compute_keeps_float32_weights_and_matches_float32():
   config = digits_tiny.get_config()
-  graphdef, params = diffusion_training.create_unet(config, 0)
+  graphdef, params = denoiser.create_unet(config, 0)
   # Non-zero output convs, so the outputs depend on every layer.
   params = jax.tree_util.tree_map(lambda p: p + 0.05 * jnp.cos(jnp.arange(p.size)).reshape(
       p.shape), params)
@@ -110,7 +110,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_matches_float32():
   convs = [line for line in jaxpr.splitlines() if "conv_general_dilated" in line]
   assert convs and all("bf16" in line and "f32[" not in line.split("=")[0] for line in convs)
   # The loss's gradient reaches the float32 master weights as float32.
-  loss_fn = diffusion_training.make_loss_fn(
+  loss_fn = denoiser.make_loss_fn(
       graphdef, schedules.from_config(config.diffusion),
       _with_dtype(config, "bfloat16"))
   batch = {"image": x, "label": jnp.array([0, 1, 2, 3])}

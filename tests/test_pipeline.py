@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import logging
 import shutil
 
 import jax
@@ -41,15 +40,15 @@ def test_pipeline_sample_equals_the_functional_sampler(model):
 
 def test_load_restores_the_ema_parameters_only(model, tiny_workdir):
   """The restored weights are the checkpoint's EMA copy, not its training parameters."""
-  from cfg_jax.train import diffusion as diffusion_training
+  from cfg_jax.train import denoiser
   from cfg_jax.train import loop
 
   config = model.config
-  _, params = diffusion_training.create_unet(config, 0)
+  _, params = denoiser.create_unet(config, 0)
   tx = loop.make_optimizer(**config.optimizer)
   full, _ = checkpoints.restore(
       checkpoints.manager(str(tiny_workdir / "checkpoints"), create=False),
-      checkpoints.abstract(loop.init_state(params, tx, with_ema=True)))
+      checkpoints.restore_target(loop.init_state(params, tx, with_ema=True)))
   loaded = model.eps_fn.args[1]
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, full.ema_params)
   differs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
@@ -82,16 +81,11 @@ def test_out_of_range_labels_are_refused_before_sampling(model):
     model.sample(jax.random.key(0), np.array([-1]), num_steps=2)
 
 
-def test_guidance_from_a_model_without_a_null_label_warns(model, caplog):
+def test_guidance_from_a_model_without_a_null_label_is_refused(model):
   """Through the public path; tests/test_pipeline_options.py covers every kind of rule."""
-  config = model.config.copy_and_resolve_references()
-  config.diffusion.p_uncond = 0.0
-  unguidable = dataclasses.replace(model, config=config)
+  unguidable = dataclasses.replace(model, null_label=None)
   kw = dict(num_steps=4, timestep_spacing="trailing")
-  with caplog.at_level(logging.WARNING):
+  with pytest.raises(errors.InputError, match=r"guidance_scale=\[1.0, 3.0\] needs null_label"):
     unguidable.sample(jax.random.key(0), [1, 2], guidance=guidance.CFG(np.array([1.0, 3.0])), **kw)
-    assert "p_uncond=0" in caplog.text
-    caplog.clear()
-    unguidable.sample(jax.random.key(0), [1, 2], guidance_scale=1.0, **kw)
-    model.sample(jax.random.key(0), [1, 2], guidance=guidance.CFG(3.0), **kw)
-    assert "p_uncond=0" not in caplog.text
+  unguidable.sample(jax.random.key(0), [1, 2], guidance_scale=1.0, **kw)
+  model.sample(jax.random.key(0), [1, 2], guidance=guidance.CFG(3.0), **kw)

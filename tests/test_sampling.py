@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cfg_jax import errors, guidance, sampling, schedules
+from cfg_jax.sampling import ddim, ddpm, dpm_solver, guided
 from tests import reference_samplers as ref
 from tests.gaussian_oracle import GaussianClasses
 
@@ -411,17 +412,17 @@ def test_steps_match_float64_near_t0(t, t_prev):
   sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * beta)
   want_ddim = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - sigma**2) * e + sigma * noise
   t_b, t_prev_b = jnp.array([t]), jnp.array([t_prev])
-  got_ddpm = sampling.ddpm_step(DIFF_SCHEDULE, x_t, t_b, t_prev_b, eps, None, z, False)
-  got_ddim = sampling.ddim_step(DIFF_SCHEDULE, x_t, t_b, t_prev_b, eps, None, eta, z, False)
+  got_ddpm = ddpm.ddpm_step(DIFF_SCHEDULE, x_t, t_b, t_prev_b, eps, None, z, False)
+  got_ddim = ddim.ddim_step(DIFF_SCHEDULE, x_t, t_b, t_prev_b, eps, None, eta, z, False)
   np.testing.assert_allclose(got_ddpm, want_ddpm, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(got_ddim, want_ddim, rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(sampling.score_shift(DIFF_SCHEDULE, t_b, g),
+  np.testing.assert_allclose(guided.score_shift(DIFF_SCHEDULE, t_b, g),
                              np.sqrt(1 - a) * g.astype(np.float64), rtol=1e-6)
   if t_prev >= 0:  # a first-order DPM-Solver++ step (the first of a run)
     lam = lambda v: 0.5 * np.log(v / (1 - v))
     h = lam(a_prev) - lam(a)
     want = np.sqrt((1 - a_prev) / (1 - a)) * x - np.sqrt(a_prev) * np.expm1(-h) * x0
-    got, _ = sampling.dpmpp_2m_step(DIFF_SCHEDULE, x_t, t_b, t_prev_b, jnp.array([-1]), eps,
+    got, _ = dpm_solver.dpmpp_2m_step(DIFF_SCHEDULE, x_t, t_b, t_prev_b, jnp.array([-1]), eps,
                                     None, jnp.zeros_like(x_t), False)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 

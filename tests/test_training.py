@@ -3,19 +3,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfg_jax import checkpoints, data, schedules
-from cfg_jax.train import classifier as classifier_training
-from cfg_jax.train import diffusion as diffusion_training
-from cfg_jax.train import loop
+from cfg_jax import checkpoints, data, distributed, schedules
+from cfg_jax.train import classifier, denoiser, loop
 
 
 def _run_steps(config, split, devices, num_steps=3):
-  mesh = loop.data_mesh(devices)
-  graphdef, params = diffusion_training.create_unet(config, 0)
+  mesh = distributed.data_mesh(devices)
+  graphdef, params = denoiser.create_unet(config, 0)
   tx = loop.make_optimizer(**config.optimizer)
-  state = loop.replicate(loop.init_state(params, tx, with_ema=True), mesh)
+  state = distributed.replicate_tree(loop.init_state(params, tx, with_ema=True), mesh)
   step = loop.jit_data_parallel(
-      diffusion_training.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config), mesh)
+      denoiser.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config), mesh)
   losses = []
   for batch in [b for _, b in zip(range(num_steps), data.batches(split, 16, seed=0))]:
     state, metrics = step(state, loop.shard_batch(batch, mesh), jax.random.key(0))
@@ -32,7 +30,7 @@ def test_eight_devices_match_one(tiny_config, digits_train):
                          one.params, eight.params)
   assert int(eight.step) == 3
   # The EMA moved towards the new parameters, but not all the way.
-  _, init = diffusion_training.create_unet(tiny_config, 0)
+  _, init = denoiser.create_unet(tiny_config, 0)
   leaf = lambda tree: np.asarray(tree["encoder"]["input_conv"]["kernel"])
   assert 0 < np.abs(leaf(eight.ema_params) - leaf(init)).max() < np.abs(
       leaf(eight.params) - leaf(init)).max()
@@ -47,7 +45,7 @@ def test_training_is_deterministic(tiny_config, digits_train):
 
 def test_batch_size_must_divide_over_devices(tiny_config):
   with pytest.raises(ValueError, match="divisible by the 8 devices"):
-    loop.check_batch_size(12, loop.data_mesh())
+    loop.check_batch_size(12, distributed.data_mesh())
 
 
 def test_learning_rate_schedules():
@@ -73,14 +71,14 @@ def test_cosine_runs_resume_only_with_the_same_schedule():
   saved = config.to_dict()
   longer = digits.get_config()
   longer.train.num_steps *= 2
-  sections = diffusion_training.state_sections(longer)
+  sections = denoiser.state_sections(longer)
   assert {"optimizer", "train.num_steps"} <= set(sections)
   with pytest.raises(checkpoints.CheckpointError, match="train.num_steps: saved 800, now 1600"):
     checkpoints.check_compatible(saved, longer.to_dict(), sections)
   constant = digits.get_config()
   constant.optimizer.decay = constant.classifier.optimizer.decay = "constant"
-  assert diffusion_training.state_sections(constant) == diffusion_training.STATE_SECTIONS
-  assert "classifier.num_steps" in classifier_training.state_sections(config)
+  assert denoiser.state_sections(constant) == denoiser.STATE_SECTIONS
+  assert "classifier.num_steps" in classifier.state_sections(config)
 
 
 def test_ema_update_warmup():
@@ -92,7 +90,7 @@ def _run_diverging(tmp_path, digits_train, *, log_every, checkpoint_every, keep_
   """Runs a step whose loss is NaN from step 3 on; returns the checkpoint manager."""
   from cfg_jax import checkpoints
 
-  mesh = loop.data_mesh(jax.devices()[:1])
+  mesh = distributed.data_mesh(jax.devices()[:1])
   state = loop.TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(())}, None, ())
 
   def diverging_step(state, batch, key):
@@ -130,14 +128,14 @@ def test_train_step_traces_once(tiny_config, digits_train):
   """Steps after the first reuse the compiled step: no silent retrace per step."""
   import chex
 
-  mesh = loop.data_mesh(jax.devices()[:1])
-  graphdef, params = diffusion_training.create_unet(tiny_config, 0)
+  mesh = distributed.data_mesh(jax.devices()[:1])
+  graphdef, params = denoiser.create_unet(tiny_config, 0)
   tx = loop.make_optimizer(**tiny_config.optimizer)
-  step_fn = diffusion_training.make_train_step(
+  step_fn = denoiser.make_train_step(
       graphdef, tx, schedules.from_config(tiny_config.diffusion), tiny_config)
   chex.clear_trace_counter()
   step = loop.jit_data_parallel(chex.assert_max_traces(step_fn, n=1), mesh)
-  state = loop.replicate(loop.init_state(params, tx, with_ema=True), mesh)
+  state = distributed.replicate_tree(loop.init_state(params, tx, with_ema=True), mesh)
   for batch in [b for _, b in zip(range(3), data.batches(digits_train, 16, seed=0))]:
     state, _ = step(state, loop.shard_batch(batch, mesh), jax.random.key(0))
   assert int(state.step) == 3

@@ -1,4 +1,4 @@
-from cfg_jax import xla_flags
+from cfg_jax.app import xla_flags
 
 
 def _configure(monkeypatch, xla_flags_env, platforms="cpu", initialized=False):
@@ -28,10 +28,10 @@ def test_leaves_other_backends_and_a_started_backend_alone(monkeypatch):
 
 CACHE_SCRIPT = """
 import jax
-from cfg_jax import cli
+from cfg_jax.app import startup
 events = []
 jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
-cli.enable_compilation_cache()
+startup.enable_compilation_cache()
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even this one
 jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()
 print(jax.config.jax_compilation_cache_dir)

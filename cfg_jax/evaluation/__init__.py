@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cfg_jax import data, errors, io
+from cfg_jax import data, errors, images
 from cfg_jax.evaluation import metrics
 
 # Precision/recall use k = 3 nearest neighbours, so each set needs at least k + 1 points.
@@ -27,7 +27,7 @@ def evaluate(samples: np.ndarray, labels: np.ndarray, evalnet, test: data.Split,
     raise errors.InputError(f"Samples have shape {samples.shape[1:]}, but {evalnet.dataset} images "
                      f"are {spec.image_shape}.")
   logits, features = evalnet(samples)
-  _, real_features = evalnet(io.to_uint8(test.images))
+  _, real_features = evalnet(images.to_uint8(test.images))
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   n = min(len(samples), len(real_features))
@@ -42,7 +42,7 @@ def evaluate(samples: np.ndarray, labels: np.ndarray, evalnet, test: data.Split,
       "inception_score": metrics.inception_score(probs),
       "precision": precision,
       "recall": recall,
-      "memorization": metrics.memorization(io.from_uint8(samples), train.images, test.images),
+      "memorization": metrics.memorization(images.from_uint8(samples), train.images, test.images),
   }
 
 

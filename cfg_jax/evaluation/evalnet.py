@@ -19,8 +19,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from cfg_jax import checkpoints, data, distributed, errors, io, locking, models
-from cfg_jax.models.evalnet import EvalCNN
+from cfg_jax import checkpoints, data, distributed, errors, images, models, paths
+from cfg_jax.app import locking
+from cfg_jax.models.eval_cnn import EvalCNN
 from cfg_jax.train import loop
 
 DEFAULTS = dict(channels=(32, 64), features=128, dropout=0.3, num_steps=1500, batch_size=128,
@@ -56,14 +57,14 @@ class EvalNet:
     self._params = params
 
   def __call__(self, uint8_images, batch_size: int = 1000):
-    x = io.from_uint8(uint8_images)
+    x = images.from_uint8(uint8_images)
     outs = [self._apply(self._params, x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     logits = np.concatenate([np.asarray(o[0]) for o in outs])
     return logits, np.concatenate([np.asarray(o[1]) for o in outs])
 
 
 def default_directory(dataset: str) -> str:
-  return os.path.join(io.user_cache_dir(), "evalnet", dataset)
+  return os.path.join(paths.user_cache_dir(), "evalnet", dataset)
 
 
 def load(dataset: str, directory: Optional[str] = None) -> Optional[EvalNet]:
@@ -136,7 +137,7 @@ def _load_checked(dataset: str, directory: str, settings: dict) -> Optional[Eval
 def _one_device_mesh():
   """One device in a single-process run, so the judge does not depend on the device count
   (a data-parallel all-reduce sums gradients in another order); None (all devices) else."""
-  return loop.data_mesh(jax.devices()[:1]) if jax.process_count() == 1 else None
+  return distributed.data_mesh(jax.devices()[:1]) if jax.process_count() == 1 else None
 
 
 def _train(dataset: str, directory: str, data_dir: Optional[str], settings: dict) -> EvalNet:
@@ -150,7 +151,7 @@ def _train(dataset: str, directory: str, data_dir: Optional[str], settings: dict
                    num_steps=settings["num_steps"], workdir=directory, log_every=500,
                    mesh=_one_device_mesh())
   test = data.load_split(dataset, "test", data_dir)
-  logits, _ = EvalNet(graphdef, state.params, dataset, 0.0)(io.to_uint8(test.images))
+  logits, _ = EvalNet(graphdef, state.params, dataset, 0.0)(images.to_uint8(test.images))
   test_accuracy = float(np.mean(np.argmax(logits, -1) == test.labels))
   mngr = checkpoints.manager(directory, max_to_keep=1)
   checkpoints.save(mngr, int(state.step), state, {**settings, "test_accuracy": test_accuracy})

@@ -1,6 +1,10 @@
 """Every network of the project (Flax NNX), and how they become pure functions.
 
-`unet` holds the ε-network and the noisy classifier, `evalnet` the evaluation network.
+`unet` holds the digits ε-network and noisy classifier, `eval_cnn` the evaluation network;
+each imported family has a folder with its network, its weight port and its config mapping
+(`adm/`: OpenAI's ADM UNet and noisy classifier; `dit/`: DiT and the Stable Diffusion VAE).
+A workdir's `config.model.family` names its family ("unet" when absent); `denoiser` and
+`classifier` give the network a workdir holds, and `describe` what sampling needs to know.
 A model is used as `(graphdef, params)`: `params` is a plain nested dict of arrays (what
 optimizers, EMA and checkpoints see) and `apply(graphdef, params, *inputs)` runs it, so
 `jax.tree_util.Partial(apply, graphdef, params)` is an ε-function whose parameters stay
@@ -9,12 +13,73 @@ traced (a new checkpoint never recompiles the sampler).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cfg_jax import data
+from cfg_jax import data, errors
+
+FAMILIES = ("unet", "adm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  """What a sampler needs to know of a denoiser besides its parameters."""
+
+  image_shape: tuple[int, ...]
+  num_classes: int
+  null_label: Optional[int]  # the label id of ε(x, t, ∅); None: the model has no such pass
+  learned_variance: bool = False  # the output holds ε and the variance values (2C channels)
+  class_names: Optional[tuple[str, ...]] = None
+
+
+def family(section) -> str:
+  name = section.get("family", "unet")
+  if name not in FAMILIES:
+    raise errors.ConfigError(f"Unknown model family {name!r}; one of {FAMILIES}.")
+  return name
+
+
+def describe(config) -> ModelInfo:
+  """The ModelInfo of the denoiser a workdir's config describes."""
+  if family(config.model) == "adm":
+    from cfg_jax.data import class_names
+    from cfg_jax.models.adm import presets
+
+    net = presets.model_config(config.model.flags.to_dict())
+    return ModelInfo(tuple(net.image_shape), presets.NUM_CLASSES, None,
+                     net.out_channels == 2 * net.in_channels, class_names.imagenet())
+  spec = data.spec(config.data.name)
+  return ModelInfo(tuple(spec.image_shape), spec.num_classes, spec.num_classes)
+
+
+def denoiser(config):
+  """(network class, its config) of the denoiser ε_θ a workdir's config describes."""
+  if family(config.model) == "adm":
+    from cfg_jax.models.adm import network, presets
+
+    return network.UNetModel, presets.model_config(config.model.flags.to_dict(),
+                                                 dtype=config.model.get("dtype", "float32"))
+  from cfg_jax.models import unet
+
+  return unet.UNet, model_config(config)
+
+
+def classifier(config):
+  """(network class, its config) of the noisy classifier p_φ(y | x_t) of a workdir's config."""
+  section = config.classifier.model
+  if family(section) == "adm":
+    from cfg_jax.models.adm import network, presets
+
+    return network.EncoderUNetModel, presets.classifier_config(
+        section.flags.to_dict(), dtype=section.get("dtype", "float32"))
+  from cfg_jax.models import unet
+
+  return unet.NoisyClassifier, model_config(config, section)
 
 
 def model_config(config, section=None) -> ml_collections.ConfigDict:

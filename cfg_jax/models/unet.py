@@ -15,23 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cfg_jax.models import conv
-
-
-def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
-  """Sinusoidal features of integer timesteps, as in guided-diffusion (cos then sin)."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = t.astype(jnp.float32)[:, None] * freqs[None]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-def dropout(x, rate: float, key):
-  """Inverted dropout with an explicit key; the identity without one (at sampling)."""
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0)
+from cfg_jax.models import conv, layers
 
 
 def _norm(channels, num_groups, rngs):
@@ -80,7 +64,7 @@ class ResBlock(nnx.Module):
     h = self.conv1(nnx.silu(group_norm(self.norm1, x)))
     scale, shift = jnp.split(self.emb(nnx.silu(emb)), 2, axis=-1)
     h = group_norm(self.norm2, h, scale, shift)
-    h = self.conv2(dropout(nnx.silu(h), self.dropout_rate, dropout_key))
+    h = self.conv2(layers.dropout(nnx.silu(h), self.dropout_rate, dropout_key))
     return (x if self.skip is None else self.skip(x)) + h
 
 
@@ -134,10 +118,6 @@ class Level(nnx.Module):
     ]) if attention else None
 
 
-def _fold(key, index):
-  return None if key is None else jax.random.fold_in(key, index)
-
-
 class _Encoder(nnx.Module):
   """Input conv, down levels and the middle block, shared by the UNet and the classifier."""
 
@@ -172,16 +152,16 @@ class _Encoder(nnx.Module):
     n = 0
     for level, down in zip(self.levels, self.downs):
       for j, block in enumerate(level.blocks):
-        h = block(h, emb, _fold(dropout_key, n := n + 1))
+        h = block(h, emb, layers.fold(dropout_key, n := n + 1))
         if level.attns is not None:
           h = level.attns[j](h)
         skips.append(h)
       if down is not None:
         h = down(h)
         skips.append(h)
-    h = self.mid1(h, emb, _fold(dropout_key, n := n + 1))
+    h = self.mid1(h, emb, layers.fold(dropout_key, n := n + 1))
     h = self.mid_attn(h)
-    h = self.mid2(h, emb, _fold(dropout_key, n := n + 1))
+    h = self.mid2(h, emb, layers.fold(dropout_key, n := n + 1))
     return h, skips
 
 
@@ -194,7 +174,7 @@ class _TimeEmbedding(nnx.Module):
 
   def __call__(self, t):
     # In the weights' dtype: float32 features would promote a bfloat16 model to float32.
-    features = timestep_embedding(t, self.channels).astype(self.fc1.kernel[...].dtype)
+    features = layers.timestep_embedding(t, self.channels).astype(self.fc1.kernel[...].dtype)
     return self.fc2(nnx.silu(self.fc1(features)))
 
 
@@ -232,7 +212,8 @@ class UNet(nnx.Module):
     n = 100  # dropout keys of the decoder, apart from the encoder's
     for level, up in zip(self.up_levels, self.ups):
       for j, block in enumerate(level.blocks):
-        h = block(jnp.concatenate([h, skips.pop()], axis=-1), emb, _fold(dropout_key, n := n + 1))
+        h = block(jnp.concatenate([h, skips.pop()], axis=-1), emb,
+                  layers.fold(dropout_key, n := n + 1))
         if level.attns is not None:
           h = level.attns[j](h)
       if up is not None:

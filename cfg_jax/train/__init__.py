@@ -1,2 +1,2 @@
-"""Training: the shared loop (`loop`), the diffusion model (`diffusion`), the noisy
-classifier (`classifier`) and the main job that runs them and writes sample grids (`job`)."""
+"""Training: the shared loop (`loop`), the denoiser ε_θ (`denoiser`) and the noisy classifier
+(`classifier`). The main job that runs them is `cfg_jax.app.train_job`."""

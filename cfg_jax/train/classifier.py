@@ -8,8 +8,6 @@ range, so users see where its gradient can still help.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,12 +15,11 @@ import optax
 from absl import logging
 from jax.tree_util import Partial
 
-from cfg_jax import data, diffusion, distributed, models, schedules
+from cfg_jax import data, diffusion, distributed, models, paths, schedules
 from cfg_jax.models import unet
 from cfg_jax.train import loop
 
 STATE_SECTIONS = ("data.name", "diffusion", "classifier.model", "seed", "classifier.batch_size")
-CHECKPOINT_DIR = "classifier"
 
 
 def state_sections(config) -> tuple:
@@ -87,14 +84,14 @@ def train(config, workdir: str, train_split: data.Split, mesh=None):
       description="classifier", loss_fn=loss_fn, params=params,
       tx=loop.make_optimizer(**c.optimizer, num_steps=c.num_steps), split=train_split, seed=seed,
       batch_size=c.batch_size, num_steps=c.num_steps, workdir=workdir,
-      checkpoint_dir=os.path.join(workdir, CHECKPOINT_DIR), config=config,
+      checkpoint_dir=paths.classifier_checkpoints(workdir), config=config,
       state_sections=state_sections(config), mesh=mesh)
   classifier_fn = Partial(models.apply, graphdef, state.params)
   test = data.load_split(config.data.name, "test", config.data.data_dir or None)
   quarters = accuracy_by_noise_quarter(classifier_fn, schedule, test)
   if distributed.is_main():
     # The test accuracy is written again after every (re)run of fit: keep one record of it.
-    loop.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), "classifier/test_accuracy",
+    loop.truncate_metrics(paths.metrics_file(workdir), "classifier/test_accuracy",
                           int(state.step) - 1)
   writer = distributed.on_main(loop.MetricWriter, workdir, "classifier")
   writer.write(int(state.step), {f"test_accuracy_q{i}": a for i, a in enumerate(quarters)})

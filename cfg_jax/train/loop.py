@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cfg_jax import checkpoints, console, data, distributed, errors
+from cfg_jax import checkpoints, data, distributed, errors, paths, progress
 
 
 class TrainingError(errors.UserError, RuntimeError):
@@ -135,20 +135,6 @@ def ema_update(ema_params, params, step, decay):
   return jax.tree_util.tree_map(lambda e, p: rate * e + (1.0 - rate) * p, ema_params, params)
 
 
-def data_mesh(devices=None):
-  """A 1-D mesh over every device JAX sees (or the given ones), axis name "data"."""
-  devices = jax.devices() if devices is None else devices
-  # Auto axes: XLA propagates the batch sharding through the model (GSPMD).
-  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
-
-
-def replicate(tree, mesh):
-  # Not plain device_put: a restored array is committed to one device and cannot be moved
-  # onto other hosts' devices; there every process copies in its own.
-  return distributed.replicate_tree(tree, mesh)
-
-
 def shard_batch(batch: dict, mesh) -> dict:
   """This process's rows of the global batch → one global array split over "data".
 
@@ -191,9 +177,7 @@ def truncate_metrics(path: str, key_prefix: str, after_step: int) -> None:
       continue
     kept.append(line if line.endswith("\n") else line + "\n")
   if kept != lines:
-    from cfg_jax import io
-
-    with io.atomic_path(path, ".jsonl") as tmp, open(tmp, "w") as f:
+    with paths.atomic_path(path, ".jsonl") as tmp, open(tmp, "w") as f:
       f.writelines(kept)
 
 
@@ -204,8 +188,8 @@ class MetricWriter:
     from tensorboardX import SummaryWriter
 
     self.prefix = prefix
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.path = paths.metrics_file(workdir)
+    self.tb = SummaryWriter(paths.tensorboard_dir(workdir))
 
   def write(self, step: int, metrics: dict) -> None:
     metrics = {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()}
@@ -249,7 +233,7 @@ def fit(
   kept default to `config.train`'s. The checkpoints of `keep_steps` are saved too and never
   deleted.
   """
-  mesh = mesh or data_mesh()
+  mesh = mesh or distributed.data_mesh()
   check_batch_size(batch_size, mesh)
   if config is not None:
     log_every = log_every or config.train.log_every
@@ -262,17 +246,17 @@ def fit(
                                keep_steps=keep_steps)
     state = checkpoints.resume(mngr, state, config.to_dict(), state_sections)
     if int(state.step):
-      console.say(f"Resuming {description} from step {int(state.step)}.")
+      progress.say(f"Resuming {description} from step {int(state.step)}.")
   train_step = jit_data_parallel(make_train_step(loss_fn, tx, ema_decay), mesh)
   if distributed.is_main():
     # Steps logged after the checkpoint we resume from are run (and logged) again.
-    truncate_metrics(os.path.join(workdir, "metrics.jsonl"), f"{description}/",
+    truncate_metrics(paths.metrics_file(workdir), f"{description}/",
                      int(state.step))
   writer = distributed.on_main(MetricWriter, workdir, description)  # written once
   rows = distributed.local_rows(NamedSharding(mesh, P("data")), batch_size)
   try:
     return run_loop(
-        state=replicate(state, mesh), train_step=train_step,
+        state=distributed.replicate_tree(state, mesh), train_step=train_step,
         batches=data.batches(split, batch_size, streams.data, int(state.step), rows),
         mesh=mesh, key=streams.train, num_steps=num_steps, manager=mngr,
         config_dict=None if config is None else config.to_dict(), writer=writer,

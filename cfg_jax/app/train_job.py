@@ -1,0 +1,135 @@
+"""The main job (`python train.py`): the diffusion model, then the noisy classifier, then
+sample grids, with a short account on the console and the details in `workdir/train.log`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.tree_util import Partial
+
+from cfg_jax import (checkpoints, data, distributed, errors, images, models, paths, pipeline,
+                     sharded_sampling)
+from cfg_jax.app import config_checks, console, files, locking
+from cfg_jax.train import classifier, denoiser
+
+
+def sample_grid(path: str, model: pipeline.Pipeline, seed: int, **sample_options):
+  """Samples `samples_per_class` images of every class; one row per class. Returns them."""
+  per_class = model.config.sampling.samples_per_class
+  labels = np.repeat(np.arange(model.num_classes), per_class)
+  samples = images.to_uint8(sharded_sampling.sample_sharded(jax.random.key(seed), model, labels,
+                                                            **sample_options))
+  if distributed.is_main():
+    files.save_grid(path, samples, num_rows=model.num_classes)
+  return samples, labels
+
+
+def train_and_evaluate(config, workdir: str) -> None:
+  """Trains both networks in `workdir` (resuming where it stopped) and writes the grids.
+
+  The config is checked first (values, then the device count, then, read-only, against the
+  workdir's checkpoints), so a bad one changes no file. The workdir is then locked: a
+  second run on it is refused. A workdir made for this run and left with nothing but the
+  lock and the log by a `UserError` is removed again.
+  """
+  started = time.perf_counter()
+  config_checks.validate(config)
+  config_checks.check_devices(config, jax.device_count())
+  paths.check_folder_usable(workdir, f"the workdir {workdir}", "choose another --workdir")
+  for directory, sections in (
+      (paths.diffusion_checkpoints(workdir), denoiser.state_sections(config)),
+      (paths.classifier_checkpoints(workdir), classifier.state_sections(config))):
+    checkpoints.check_resumable(directory, config.to_dict(), sections)
+  created = _first_missing(workdir)
+  with contextlib.ExitStack() as stack:
+    if distributed.is_main():  # the processes of one job share the workdir: 0 holds the lock
+      stack.enter_context(locking.exclusive(paths.lock_file(workdir),
+                                            what=f"workdir {workdir}"))
+    # From here on this run holds the lock, so the clean-up below can only ever remove its
+    # own start-up files, never those of a run that holds the workdir.
+    try:
+      paths.make_folder(workdir, "choose another --workdir")
+      with console.logging_to(paths.log_file(workdir, distributed.process_index())):
+        _train_and_evaluate(config, workdir, started)
+    except errors.UserError:
+      if created is not None and distributed.is_main():
+        _remove_if_only_startup_files(workdir, created)
+      raise
+
+
+def _first_missing(path: str) -> Optional[str]:
+  """The outermost folder of `path` that does not exist yet (None if `path` exists)."""
+  path, missing = os.path.abspath(path), None
+  while not os.path.lexists(path):
+    path, missing = os.path.dirname(path), path
+  return missing
+
+
+def _remove_if_only_startup_files(workdir: str, created: str) -> None:
+  """Removes `workdir` and the folders made for it, up to `created`, if it holds only the
+  lock and the log: a failed first run then leaves no trace beside its error message."""
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir) or not set(os.listdir(workdir)) <= {paths.LOCK, paths.LOG}:
+    return
+  try:
+    for name in os.listdir(workdir):
+      os.remove(os.path.join(workdir, name))
+    folder = workdir
+    while True:
+      os.rmdir(folder)  # fails, and so stops, on a folder someone else has put files in
+      if folder == created:
+        return
+      folder = os.path.dirname(folder)
+  except OSError:
+    return  # best effort: the user's error message matters more than a leftover folder
+
+
+def _train_and_evaluate(config, workdir: str, started: float) -> None:
+  devices = jax.devices()
+  train_split = data.open_split(config.data.name, "train", config.data.data_dir or None,
+                                config.data.download, config.data.get("streaming", False))
+  hosts = f" on {distributed.process_count()} hosts" if distributed.process_count() > 1 else ""
+  console.say(f"Training on {config.data.name} ({len(train_split):,} images) with "
+              f"{len(devices)} {devices[0].platform.upper()} device(s){hosts}; outputs in "
+              f"{workdir}")
+  graphdef, state = denoiser.train(config, workdir, train_split)
+  console.say(f"Diffusion model: {models.count_params(state.params):,} parameters, "
+              f"{int(state.step)} steps of batch {config.train.batch_size}.")
+  classifier_fn = None
+  if config.classifier.num_steps > 0:
+    classifier_fn, quarters = classifier.train(config, workdir, train_split)
+    console.say("Noisy classifier test accuracy by noise quarter (low → high t): "
+                + ", ".join(f"{a:.3f}" for a in quarters))
+  model = pipeline.Pipeline.from_config(config, Partial(models.apply, graphdef, state.ema_params),
+                                        classifier_fn)
+  grids = {}
+  for scale in config.sampling.guidance_scales:
+    path = paths.sample_grid(workdir, "cfg", scale)
+    grids[path] = sample_grid(path, model, config.seed, guidance_scale=scale)
+  if classifier_fn is not None:
+    for scale in config.sampling.classifier_scales:
+      path = paths.sample_grid(workdir, "classifier", scale)
+      grids[path] = sample_grid(path, model, config.seed, guidance_scale=0.0,
+                                classifier_scale=scale)
+  console.say("Sample grids (one row per class): " + ", ".join(map(os.path.basename, grids)))
+  console.say(f"Done in {time.perf_counter() - started:.0f} s{_judged(grids, config, workdir)}. "
+              f"Sample more with: python sample.py --workdir {workdir}")
+
+
+def _judged(grids: dict, config, workdir: str) -> str:
+  """", γ = 3 accuracy 0.99 (evaluation network)" when that network is at hand, else ""."""
+  from cfg_jax.evaluation import evalnet
+
+  path = next((p for p in grids if p == paths.sample_grid(workdir, "cfg", 3)), None)
+  path = path if distributed.is_main() else None  # the others may lack the network
+  net = evalnet.load(config.data.name) if path else None
+  if net is None:
+    return ""
+  samples, labels = grids[path]
+  logits, _ = net(samples)
+  return f", γ = 3 accuracy {np.mean(np.argmax(logits, -1) == labels):.2f} (evaluation network)"

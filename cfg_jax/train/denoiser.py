@@ -1,0 +1,72 @@
+"""Training the denoiser ε_θ(x_t, t, y) with conditioning dropout (Ho & Salimans 2021,
+Algorithm 1).
+
+The loss itself is `cfg_jax.diffusion.cfg_loss`; this module binds it to the UNet and the
+config and runs it through the shared loop (`cfg_jax.train.loop.fit`).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from cfg_jax import data, diffusion, models, paths, schedules
+from cfg_jax.models import unet
+from cfg_jax.train import loop
+
+# Config sections that shape the saved state: resuming with other values is an error.
+# seed and batch size fix the batches and keys of the steps still to come.
+STATE_SECTIONS = ("data.name", "model", "diffusion", "seed", "train.batch_size")
+
+
+def state_sections(config) -> tuple:
+  """STATE_SECTIONS, and with a cosine decay the optimizer and `train.num_steps`."""
+  return STATE_SECTIONS + loop.schedule_sections(config.optimizer, "optimizer",
+                                                 "train.num_steps")
+
+
+def create_unet(config, seed):
+  """(graphdef, params) of a freshly initialised UNet for `config`; `seed` is an int or a
+  key (training uses `loop.key_streams(config.seed).init`)."""
+  return models.create(unet.UNet, models.model_config(config), seed=seed)
+
+
+def make_loss_fn(graphdef, schedule: schedules.Schedule, config) -> loop.LossFn:
+  """`loss_fn(params, batch, key)`: the CFG ε-MSE of the UNet, with dropout, computed in
+  `config.train.dtype` (float32 weights either way)."""
+  null_label = data.spec(config.data.name).num_classes
+  compute_dtype = config.train.get("dtype", "float32")
+
+  def loss_fn(params, batch, key):
+    loss_key, dropout_key = jax.random.split(key)
+
+    def eps_apply(params, x_t, t, y):
+      return models.apply_in_dtype(graphdef, params, x_t, t, y, dtype=compute_dtype,
+                                   dropout_key=dropout_key)
+
+    loss, _ = diffusion.cfg_loss(params, eps_apply, schedule, batch["image"], batch["label"],
+                                 loss_key, p_uncond=config.diffusion.p_uncond,
+                                 null_label=null_label)
+    return loss, {}
+
+  return loss_fn
+
+
+def make_train_step(graphdef, tx, schedule, config):
+  """`train_step(state, batch, key) -> (state, metrics)`, pure and jittable."""
+  return loop.make_train_step(make_loss_fn(graphdef, schedule, config), tx,
+                              config.train.ema_decay)
+
+
+def train(config, workdir: str, train_split: data.Split, mesh=None):
+  """Trains (or resumes) the diffusion model; returns (graphdef, final TrainState)."""
+  graphdef, params = create_unet(config, loop.key_streams(config.seed).init)
+  state = loop.fit(
+      description="diffusion",
+      loss_fn=make_loss_fn(graphdef, schedules.from_config(config.diffusion), config),
+      params=params, tx=loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps),
+      ema_decay=config.train.ema_decay, split=train_split, seed=config.seed,
+      batch_size=config.train.batch_size, num_steps=config.train.num_steps, workdir=workdir,
+      checkpoint_dir=paths.diffusion_checkpoints(workdir), config=config,
+      state_sections=state_sections(config), keep_steps=config.train.get("keep_steps", ()),
+      mesh=mesh)
+  return graphdef, state
