@@ -36,7 +36,7 @@ def _gd_kwargs(function, argv):
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
-  """(folder, the torch diffusion model): a small "released" pair of checkpoints."""
+  """(folder, the torch diffusion model, the torch classifier): a small "released" pair."""
   folder = tmp_path_factory.mktemp("released")
   model = _perturb(script_util.create_model(**_gd_kwargs(script_util.create_model,
                                                          MODEL_FLAGS)), seed=1)
@@ -44,16 +44,23 @@ def released(tmp_path_factory):
       **_gd_kwargs(script_util.create_classifier, CLASSIFIER_FLAGS)), seed=2)
   torch.save(model.state_dict(), folder / "diffusion.pt")
   torch.save(classifier.state_dict(), folder / "classifier.pt")
-  return folder, model.eval()
+  return folder, model.eval(), classifier.eval()
 
 
-def test_convert_then_sample_as_a_user_would(released, tmp_path):
-  folder, torch_model = released
-  workdir = tmp_path / "adm"
+@pytest.fixture(scope="module")
+def workdir(released, tmp_path_factory):
+  """The released pair converted by `convert.py`, run as a user runs it."""
+  folder, _, _ = released
+  workdir = tmp_path_factory.mktemp("converted") / "adm"
   result = run_cli("convert.py", "guided-diffusion", "--diffusion", folder / "diffusion.pt",
                    "--classifier", folder / "classifier.pt", "--workdir", workdir,
                    *MODEL_FLAGS, *CLASSIFIER_FLAGS)
   assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_convert_then_sample_as_a_user_would(released, workdir, tmp_path):
+  _, torch_model, _ = released
   model = cfg_jax.load(str(workdir))
   assert (model.image_shape, model.num_classes, model.null_label) == ((64, 64, 3), 1000, None)
   assert model.learned_variance and model.config.sampling.method == "ddpm"
@@ -79,8 +86,50 @@ def test_convert_then_sample_as_a_user_would(released, tmp_path):
                         "needs null_label")
 
 
+def test_classifier_guided_ddpm_equals_guided_diffusion_on_the_converted_models(
+    released, workdir, monkeypatch):
+  """`cfg_jax.load(workdir).sample` (its defaults: DDPM, "linspace", the learned variance, the
+  classifier scale) against guided-diffusion's `p_sample_loop(cond_fn=…)` with the torch
+  networks, from the same x_T and step noise: network, port, pipeline and sampler together."""
+  _, torch_model, torch_classifier = released
+  gaussian_diffusion = pytest.importorskip("guided_diffusion.gaussian_diffusion")
+  model = cfg_jax.load(str(workdir))
+  key, num_steps, scale = jax.random.key(5), 4, 2.0
+  labels = np.array([263, 1])
+  x_init = np.asarray(jax.random.normal(jax.random.key(6), (2, 64, 64, 3)))
+  ours = model.sample(key, labels, x_init=x_init, num_steps=num_steps)
+  assert model.config.sampling.classifier_scale == scale  # from --classifier_scale
+  diffusion = script_util.create_gaussian_diffusion(
+      steps=1000, learn_sigma=True, noise_schedule="cosine",
+      timestep_respacing=str(num_steps))
+  ts = cfg_jax.sampling.timesteps(1000, num_steps, "linspace", "ddpm")
+  noise = iter(_step_noise_for(key, ts, x_init.shape))
+  monkeypatch.setattr(gaussian_diffusion.th, "randn_like", lambda x: next(noise))
+
+  def cond_fn(x, t, y):
+    with torch.enable_grad():
+      x = x.detach().requires_grad_(True)
+      log_probs = torch.log_softmax(torch_classifier(x, t), -1)
+      return torch.autograd.grad(log_probs[range(len(y)), y].sum(), x)[0] * scale
+
+  with torch.no_grad():
+    theirs = diffusion.p_sample_loop(
+        torch_model, (2, 3, 64, 64), noise=torch.from_numpy(x_init.transpose(0, 3, 1, 2).copy()),
+        clip_denoised=True, cond_fn=cond_fn, model_kwargs={"y": torch.from_numpy(labels)},
+        progress=False).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-3)
+
+
+def _step_noise_for(key, ts, shape):
+  """The noise `sampling.sample` draws at each visited timestep, NCHW for torch."""
+  loop_key = jax.random.split(key)[1]
+  return [torch.from_numpy(np.asarray(jax.random.normal(jax.random.fold_in(loop_key, int(t)),
+                                                        shape)).transpose(0, 3, 1, 2).copy())
+          for t in ts]
+
+
 def test_bad_checkpoints_are_one_line_and_write_nothing(released, tmp_path):
-  folder, _ = released
+  folder, _, _ = released
   convert = lambda diffusion, *flags: run_cli(
       "convert.py", "guided-diffusion", "--diffusion", diffusion, "--workdir",
       tmp_path / "out", *flags)

@@ -19,8 +19,10 @@ Notation (the names in the code, the symbols of the papers; in the style of maxd
 | `eps`        | ε_θ(x_t)    | the (guided) noise prediction ε̂                              |
 | `x0`         | x̂0 (f_θ)   | the predicted x_0, "predicted x0" of Song et al. eq. (12)    |
 | `step_noise_std` | σ_t(η)  | DDIM's noise scale, Song et al. eq. (16)                     |
-| `variance`   | β̃_t        | the DDPM posterior variance, Ho et al. eq. (7)               |
-| `lam`        | λ_t         | log(sqrt(ᾱ_t)/sqrt(1 − ᾱ_t)), half the log-SNR (DPM-Solver) |
+| `variance`   | β̃_t or Σ   | the DDPM posterior variance, Ho et al. eq. (7), or learned   |
+| `values`     | v           | the learned-variance output, Σ from Nichol & Dhariwal eq. (15)|
+| `sigma`      | σ           | sqrt((1 − ᾱ_t)/ᾱ_t), the noise level of guidance intervals   |
+| `lam`        | λ_t         | log(sqrt(ᾱ_t)/sqrt(1 − ᾱ_t)), half the log-SNR (DPM-Solver)  |
 | `grad`       | s·∇log p_φ  | the classifier gradient s·∇_{x_t} log p_φ(y | x_t)           |
 
 Conventions (kept identical to diffusers and guided-diffusion so trajectories agree):
