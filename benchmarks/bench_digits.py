@@ -23,8 +23,7 @@ from ml_collections import config_flags
 
 from cfg_jax import data, distributed, models, pipeline, schedules, sharded_sampling
 from cfg_jax.app import startup, xla_flags
-from cfg_jax.train import classifier as classifier_training
-from cfg_jax.train import denoiser, loop
+from cfg_jax.train import classifier, denoiser, loop
 
 import machine
 
@@ -81,7 +80,7 @@ def bench_training(config, steps):
 
 
 def bench_sampling(config, graphdef, params, batch, num_steps, repeats, spacing=None):
-  cls_graphdef, cls_params = classifier_training.create_classifier(config, 0)
+  cls_graphdef, cls_params = classifier.create_classifier(config, 0)
   model = pipeline.Pipeline.from_config(config, Partial(models.apply, graphdef, params),
                                         Partial(models.apply, cls_graphdef, cls_params))
   labels = np.arange(batch) % model.num_classes

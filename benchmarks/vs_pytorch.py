@@ -26,8 +26,7 @@ import time
 from cfg_jax import data, distributed, models, pipeline, schedules, sharded_sampling
 from cfg_jax.app import startup, xla_flags
 from cfg_jax.sampling import guided
-from cfg_jax.train import classifier as classifier_training
-from cfg_jax.train import denoiser, loop
+from cfg_jax.train import classifier, denoiser, loop
 
 try:
   import torch
@@ -152,7 +151,7 @@ def bench_guidance_ratios(config, eps_fn, batch, rounds, num_steps):
   """JAX-internal: seconds per sampler step of CFG and classifier guidance vs unguided, on
   the path sample.py takes (the batch split over every device)."""
   spec = data.spec(config.data.name)
-  cls_graphdef, cls_params = classifier_training.create_classifier(config, 0)
+  cls_graphdef, cls_params = classifier.create_classifier(config, 0)
   classifier_fn = Partial(models.apply, cls_graphdef, cls_params)
   model = pipeline.Pipeline.from_config(config, eps_fn, classifier_fn)
   labels = np.arange(batch) % spec.num_classes
