@@ -1,4 +1,4 @@
-"""Training and loading the evaluation network (`cfg_jax.models.evalnet.EvalCNN`).
+"""Training and loading the evaluation network (`cfg_jax.models.eval_cnn.EvalCNN`).
 
 It is kept apart from every network used for guidance (its own directory and seed), so
 samples are never judged by the network that steered them. It lives in one fixed place per
