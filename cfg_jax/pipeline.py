@@ -1,4 +1,4 @@
-"""A trained workdir as one object: `cfg_jax.load(workdir).sample(key, labels, ...)`.
+"""A trained (or converted) workdir as one object: `cfg_jax.load(workdir).sample(key, labels)`.
 
     import jax, cfg_jax
     model = cfg_jax.load("runs/digits")
