@@ -12,6 +12,7 @@ import jax  # noqa: E402  (after the skips: nothing to import without the peers)
 import cfg_jax  # noqa: E402
 from tests.helpers import assert_one_line_error, run_cli  # noqa: E402
 from tests.test_adm import _perturb  # noqa: E402
+from tests.test_guided_diffusion_reference import step_noise  # noqa: E402
 
 MODEL_FLAGS = ("--image_size 64 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 "
                "--attention_resolutions 32 --num_head_channels 16 --class_cond True "
@@ -103,7 +104,7 @@ def test_classifier_guided_ddpm_equals_guided_diffusion_on_the_converted_models(
       steps=1000, learn_sigma=True, noise_schedule="cosine",
       timestep_respacing=str(num_steps))
   ts = cfg_jax.sampling.timesteps(1000, num_steps, "linspace", "ddpm")
-  noise = iter(_step_noise_for(key, ts, x_init.shape))
+  noise = iter(step_noise(key, ts, x_init.shape))
   monkeypatch.setattr(gaussian_diffusion.th, "randn_like", lambda x: next(noise))
 
   def cond_fn(x, t, y):
@@ -118,14 +119,6 @@ def test_classifier_guided_ddpm_equals_guided_diffusion_on_the_converted_models(
         clip_denoised=True, cond_fn=cond_fn, model_kwargs={"y": torch.from_numpy(labels)},
         progress=False).numpy().transpose(0, 2, 3, 1)
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-3)
-
-
-def _step_noise_for(key, ts, shape):
-  """The noise `sampling.sample` draws at each visited timestep, NCHW for torch."""
-  loop_key = jax.random.split(key)[1]
-  return [torch.from_numpy(np.asarray(jax.random.normal(jax.random.fold_in(loop_key, int(t)),
-                                                        shape)).transpose(0, 3, 1, 2).copy())
-          for t in ts]
 
 
 def test_bad_checkpoints_are_one_line_and_write_nothing(released, tmp_path):

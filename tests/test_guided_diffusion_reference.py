@@ -70,12 +70,12 @@ def _jax_classifier(x, t):
   return _logits(x, t.astype(jnp.float32), jnp, jnp.asarray(WEIGHTS))
 
 
-def _step_noise(key, ts):
+def step_noise(key, ts, shape=(B, H, W, C)):
   """The noise `sampling.sample` draws at each visited timestep (from the second half of its
   key's split, folded with t), NCHW for guided-diffusion's `th.randn_like`."""
   loop_key = jax.random.split(key)[1]
   return [torch.from_numpy(np.asarray(jax.random.normal(
-      jax.random.fold_in(loop_key, int(t)), (B, H, W, C))).transpose(0, 3, 1, 2).copy())
+      jax.random.fold_in(loop_key, int(t)), shape)).transpose(0, 3, 1, 2).copy())
       for t in ts]
 
 
@@ -106,7 +106,7 @@ def test_classifier_guided_ddpm_equals_p_sample_loop(monkeypatch, learned_varian
                          x_init=x_init, method="ddpm", num_steps=num_steps,
                          timestep_spacing="linspace", classifier_fn=_jax_classifier,
                          classifier_scale=scale, learned_variance=learned_variance)
-  noise = _step_noise(key, ts)
+  noise = step_noise(key, ts)
   theirs = _run_reference(monkeypatch, "p_sample_loop", str(num_steps), learned_variance,
                           noise, x_init, y, scale)
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-5)
