@@ -53,7 +53,7 @@ def _timed(fn, repeats):
 def bench_training(config, steps):
   mesh = distributed.data_mesh()
   spec = data.spec(config.data.name)
-  graphdef, params = denoiser.create_unet(config, 0)
+  graphdef, params = denoiser.create_denoiser(config, 0)
   tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
   state = distributed.replicate_tree(loop.init_state(params, tx, with_ema=True), mesh)
   step = loop.one_step_in_flight(loop.jit_data_parallel(

@@ -57,7 +57,7 @@ def main(argv):
   config = _CONFIG.value
   mesh = distributed.data_mesh()
   split = data.load_split(config.data.name, "train")
-  graphdef, params = denoiser.create_unet(config, config.seed)
+  graphdef, params = denoiser.create_denoiser(config, config.seed)
   tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
   step = loop.jit_data_parallel(
       denoiser.make_train_step(graphdef, tx, schedules.from_config(config.diffusion), config),

@@ -115,7 +115,7 @@ def _report(title: str, per: int, wall: float, kinds: collections.Counter, host:
 def trace_training(config) -> None:
   mesh = distributed.data_mesh()
   split = data.load_split(config.data.name, "train")
-  graphdef, params = denoiser.create_unet(config, 0)
+  graphdef, params = denoiser.create_denoiser(config, 0)
   tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
   state = distributed.replicate_tree(loop.init_state(params, tx, with_ema=True), mesh)
   step_fn = loop.one_step_in_flight(loop.jit_data_parallel(
@@ -145,7 +145,7 @@ def trace_training(config) -> None:
 
 
 def trace_sampling(config) -> None:
-  graphdef, params = denoiser.create_unet(config, 0)
+  graphdef, params = denoiser.create_denoiser(config, 0)
   model = pipeline.Pipeline.from_config(config, Partial(models.apply, graphdef, params))
   labels = np.arange(16 if _QUICK.value else _SAMPLE_BATCH.value) % model.num_classes
   steps = 2 if _QUICK.value else _SAMPLE_STEPS.value

@@ -86,7 +86,7 @@ def bench_training(config, jax_params, twin, rounds, steps):
   b = _TRAIN_BATCH.value
   spec = data.spec(config.data.name)
   mesh = distributed.data_mesh()
-  graphdef, _ = denoiser.create_unet(config, 0)
+  graphdef, _ = denoiser.create_denoiser(config, 0)
   tx = loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps)
   state = distributed.replicate_tree(loop.init_state(jax_params, tx, with_ema=True), mesh)
   step = loop.one_step_in_flight(loop.jit_data_parallel(
@@ -212,7 +212,7 @@ def main(argv):
   print(machine.describe())
   print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-  graphdef, params = denoiser.create_unet(config, 0)
+  graphdef, params = denoiser.create_denoiser(config, 0)
   # Random (not zero) output layers, so no side can shortcut a zero branch.
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(

@@ -10,6 +10,7 @@ Notation (per example; D denotes an x0-prediction, as in Karras et al. and Sadat
 | ---------- | ------ | --------------------------------------------------------- |
 | `eps_c`    | ε_c    | ε(x_t, t, y), the conditional pass                        |
 | `eps_u`    | ε_u    | ε(x_t, t, ∅), the unconditional pass                      |
+| `eps_guide`| ε_ŷ    | ε(x_t, t, ŷ), ICG's pass at an independent random label ŷ |
 | `x0_c`     | D_c    | (x_t − sqrt(1 − ᾱ_t)·ε_c) / sqrt(ᾱ_t)                     |
 | `x0_u`     | D_u    | the same for ε_u                                          |
 | `sigma`    | σ_t    | sqrt((1 − ᾱ_t) / ᾱ_t), the noise level of x_t/sqrt(ᾱ_t)  |
@@ -69,12 +70,19 @@ class CFG:
     rescale: φ ∈ [0, 1], Lin et al. 2024 ("Common diffusion noise schedules and sample steps
       are flawed", rescaled CFG): ε̂ ← φ·ε̂·std(ε_c)/std(ε̂) + (1 − φ)·ε̂, stds per example
       over all pixels (diffusers' `rescale_noise_cfg`).
+    uncond_eps_fn: ε_u from a separate unconditional network (EDM2's, or a released
+      unconditional model beside a conditional one that has no null label):
+      `uncond_eps_fn(x_t, t, y) -> ε`, called with the labels y of the conditional pass, which
+      an unconditional network ignores (bind a conditional network's null label with a
+      `Partial` to use that instead). Ideally a `jax.tree_util.Partial` over its parameters.
+      None: ε_u = ε(x_t, t, ∅) of the model itself.
   """
 
   scale: Any = 1.0
   interval: Optional[Tuple[Any, Any]] = None
   weight_schedule: str = flax.struct.field(pytree_node=False, default="constant")
   rescale: Any = 0.0
+  uncond_eps_fn: Any = None
 
   def __post_init__(self):
     if self.weight_schedule not in WEIGHT_SCHEDULES:
@@ -85,6 +93,7 @@ class CFG:
   def validate(self):
     _check_scale("CFG scale", self.scale)
     _check_scalar("CFG rescale", self.rescale, lambda v: 0 <= v <= 1, "in [0, 1]")
+    _check_eps_fn("CFG uncond_eps_fn", self.uncond_eps_fn)
     if self.interval is not None:
       if not isinstance(self.interval, (tuple, list)) or len(self.interval) != 2:
         raise errors.InputError(f"CFG interval must be (sigma_lo, sigma_hi), got "
@@ -225,10 +234,7 @@ class Autoguidance:
 
   def validate(self):
     _check_scale("Autoguidance scale", self.scale)
-    fn = self.weak_eps_fn
-    if fn is not None and not callable(fn) and not _is_placeholder(fn):
-      raise errors.InputError(f"Autoguidance weak_eps_fn must be callable, got "
-                              f"{type(fn).__name__}.")
+    _check_eps_fn("Autoguidance weak_eps_fn", self.weak_eps_fn)
 
   def init_state(self, x):
     return ()
@@ -238,12 +244,107 @@ class Autoguidance:
     return eps, eps, state
 
 
-RULES = (CFG, APG, CFGPlusPlus, Autoguidance)
+@flax.struct.dataclass
+class CFGZeroStar:
+  """CFG-Zero* (Fan et al. 2025, arXiv 2503.18886): an optimized scale and zero-init.
+
+  Optimized scale: s* = ⟨ε_c, ε_u⟩ / (‖ε_u‖² + 1e-8) per example over all pixels (the 1e-8
+  as in the paper's code and diffusers' `cfg_zero_star_scale`: ε_u = 0 gives s* = 0), and
+  ε̂ = s*·ε_u + γ·(ε_c − s*·ε_u). s* = 1 is CFG.
+
+  Zero-init: the paper zeroes a flow model's velocity v at its first K solver steps, so that
+  x_{t−dt} = x_t − dt·v stays where it is. Here likewise the first K visited steps leave x
+  as it is, x_{t_prev} = x_t, whatever the sampler (`holds_x`), and sampling goes on from
+  x_T at the (K+1)-th visited timestep as if it had started there: DPM-Solver++ restarts its
+  multistep history with a first-order step. ε̂ = 0 (diffusers' zeroed prediction taken
+  literally for an ε-model) would instead scale DDIM's x by sqrt(ᾱ_{t_prev}/ᾱ_t), and no ε̂
+  holds x for every sampler (DDPM adds noise, clipping re-derives ε), so the sampler itself
+  holds x. The held steps still run the model, so that every K shares one compiled program.
+
+  Attributes:
+    scale: γ (γ = 1 is the conditional model); scalar or a 1-D array to sweep.
+    zero_init_steps: K ≥ 0, the first visited steps that leave x as it is (counted as
+      diffusers' `zero_init_steps`); traced, so a new K does not recompile.
+  """
+
+  scale: Any = 1.0
+  zero_init_steps: Any = 0
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self):
+    _check_scale("CFGZeroStar scale", self.scale)
+    steps = _concrete(self.zero_init_steps)
+    if steps is not None and (steps.shape != () or not np.isfinite(steps) or steps < 0
+                              or steps != np.round(steps)):
+      raise errors.InputError(f"CFGZeroStar zero_init_steps must be a non-negative integer, got "
+                              f"{_show(steps)}.")
+
+  def init_state(self, x):
+    return ()
+
+  def holds_x(self, step):
+    """Whether the visited step `step` (0: the first) is one of the K that leave x as it is."""
+    return step < self.zero_init_steps
+
+  def combine(self, ctx: StepContext, eps_c, eps_u, state):
+    eps_u = diffusion.per_example(_optimized_scale(eps_c, eps_u), eps_u) * eps_u  # s*·ε_u
+    eps = eps_u + self.scale * (eps_c - eps_u)
+    return eps, eps, state
+
+
+@flax.struct.dataclass
+class IndependentCondition:
+  """Independent condition guidance, ICG (Sadat et al. 2025, "No training, no problem:
+  rethinking classifier-free guidance for diffusion models", ICLR).
+
+  CFG with the unconditional pass replaced by the same model at an independent label ŷ:
+  ε̂ = ε_ŷ + γ·(ε_c − ε_ŷ), ε_ŷ = ε(x_t, t, ŷ), ŷ drawn uniformly from 0..num_classes − 1 per
+  example and per step, independently of y (`guide_labels`). It needs no null label. An
+  example whose own label is the null label is its own guide (ŷ = ∅, so ε̂ = ε_u, as CFG
+  gives it).
+
+  Attributes:
+    scale: γ (γ = 1 is the conditional model); scalar or a 1-D array to sweep.
+    num_classes: the classes ŷ is drawn from; None takes `sampling.sample`'s num_classes.
+  """
+
+  scale: Any = 1.0
+  num_classes: Optional[int] = flax.struct.field(pytree_node=False, default=None)
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self):
+    _check_scale("IndependentCondition scale", self.scale)
+    n = self.num_classes
+    if n is not None and (not isinstance(n, (int, np.integer)) or n < 1):
+      raise errors.InputError(f"IndependentCondition num_classes must be a positive int or "
+                              f"None, got {n!r}.")
+
+  def init_state(self, x):
+    return ()
+
+  def guide_labels(self, key, labels, null_label=None):
+    """ŷ for `labels` (B,): uniform over the classes, drawn from `key` alone (the sampler
+    passes the step's `loop.rule_key`, the same for every scale of a sweep)."""
+    drawn = jax.random.randint(key, labels.shape, 0, self.num_classes, labels.dtype)
+    if null_label is None:
+      return drawn
+    return jnp.where(labels == null_label, labels, drawn)
+
+  def combine(self, ctx: StepContext, eps_c, eps_guide, state):
+    eps = eps_guide + self.scale * (eps_c - eps_guide)
+    return eps, eps, state
+
+
+RULES = (CFG, APG, CFGPlusPlus, Autoguidance, CFGZeroStar, IndependentCondition)
 
 
 def as_float32(rule):
-  """The rule with every numeric field a float32 array, so the compiled sampler is reused
-  whether a value came as a Python float, an int or an array."""
+  """The rule with every numeric field a float32 array (int32 for a number of steps), so
+  the compiled sampler is reused whether a value came as a Python number or an array."""
   fields = {"scale": jnp.asarray(rule.scale, jnp.float32)}
   if isinstance(rule, CFG):
     fields["rescale"] = jnp.asarray(rule.rescale, jnp.float32)
@@ -252,7 +353,14 @@ def as_float32(rule):
   elif isinstance(rule, APG):
     for name in ("eta", "momentum", "norm_threshold"):
       fields[name] = jnp.asarray(getattr(rule, name), jnp.float32)
+  elif isinstance(rule, CFGZeroStar):
+    fields["zero_init_steps"] = jnp.asarray(rule.zero_init_steps, jnp.int32)
   return rule.replace(**fields)
+
+
+def _optimized_scale(eps_c, eps_u):
+  """CFG-Zero*'s s* = ⟨ε_c, ε_u⟩ / (‖ε_u‖² + 1e-8), shape (B,)."""
+  return _per_example_sum(eps_c * eps_u) / (_per_example_sum(eps_u * eps_u) + 1e-8)
 
 
 def _per_example_sum(x):
@@ -265,6 +373,11 @@ def _per_example_norm(x):
 
 def _per_example_std(x):
   return jnp.std(x.reshape(x.shape[0], -1), axis=-1)
+
+
+def _check_eps_fn(name, fn):
+  if fn is not None and not callable(fn) and not _is_placeholder(fn):
+    raise errors.InputError(f"{name} must be callable, got {type(fn).__name__}.")
 
 
 def _is_placeholder(value):

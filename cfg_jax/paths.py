@@ -28,6 +28,7 @@ from cfg_jax import errors
 
 DIFFUSION_CHECKPOINTS = "checkpoints"
 CLASSIFIER_CHECKPOINTS = "classifier"
+VAE_CHECKPOINTS = "vae"  # a latent model's autoencoder
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 LOG = "train.log"
@@ -43,6 +44,10 @@ def diffusion_checkpoints(workdir: str) -> str:
 
 def classifier_checkpoints(workdir: str) -> str:
   return os.path.join(workdir, CLASSIFIER_CHECKPOINTS)
+
+
+def vae_checkpoints(workdir: str) -> str:
+  return os.path.join(workdir, VAE_CHECKPOINTS)
 
 
 def metrics_file(workdir: str) -> str:

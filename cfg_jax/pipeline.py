@@ -9,6 +9,10 @@ Autoguidance's weak model is another pipeline, e.g. an earlier (kept) step of th
     weak = cfg_jax.pipeline.load_weak(model, "runs/digits", step=500)
     x0 = model.sample(key, labels, guidance=guidance.Autoguidance(2.0, weak.eps_fn))
 
+A latent model (DiT on the Stable Diffusion VAE) also has `encode(images)` and
+`decode(latents)`; its `sample` runs the sampler on latents and returns decoded images
+(`decode=False`: the latents).
+
 `load` restores only what sampling needs: the EMA parameters of the ε-network (and the
 noisy classifier's parameters, when the workdir has one), restored partially into
 abstract targets, with no random init and no optimizer state. The functional
@@ -22,15 +26,52 @@ import dataclasses
 import os
 from typing import Optional
 
+import flax.struct
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.tree_util import Partial
 
-from cfg_jax import checkpoints, models, paths, sampling, schedules
+from cfg_jax import checkpoints, errors, models, paths, sampling, schedules
+from cfg_jax.models.dit import vae
 
 # What a classifier and a diffusion model must share for the classifier to guide it; the
 # data set fixes the image shape and the number of classes.
 _SHARED_SECTIONS = ("data.name", "diffusion.schedule", "diffusion.num_timesteps")
+
+
+@flax.struct.dataclass  # a pytree of its two functions' parameters (replicated for sharding)
+class LatentSpace:
+  """The autoencoder a latent model works in, and the scale of its latents.
+
+  The diffusion model sees (z − shift_factor)·scaling_factor, z the VAE's latent (diffusers'
+  convention: 0.18215 for the SD VAE gives latents of about unit variance).
+  """
+
+  encoder_fn: Partial  # images (B, H, W, C) in [−1, 1] -> (mean, logvar) of q(z | x)
+  decoder_fn: Partial  # z -> images
+  scaling_factor: float = flax.struct.field(pytree_node=False)
+  shift_factor: float = flax.struct.field(pytree_node=False)
+  image_shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # one decoded image
+
+  def encode(self, images):
+    """The diffusion model's latents of `images` (the posterior mean, scaled)."""
+    mean, _ = _call(self.encoder_fn, jnp.asarray(images, jnp.float32))
+    return vae.to_diffusion_latent(mean, self.scaling_factor, self.shift_factor)
+
+  def decode(self, latents):
+    """Images in [−1, 1] of latents in the diffusion model's scale; any leading axes."""
+    latents = jnp.asarray(latents, jnp.float32)
+    z = vae.from_diffusion_latent(latents.reshape(-1, *latents.shape[-3:]),
+                                  self.scaling_factor, self.shift_factor)
+    decoded = jnp.clip(_call(self.decoder_fn, z), -1.0, 1.0)
+    return decoded.reshape(*latents.shape[:-3], *decoded.shape[1:])
+
+
+@jax.jit
+def _call(fn, x):
+  return fn(x)  # compiled once per function (a Partial over its parameters) and shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +88,13 @@ class Pipeline:
   learned_variance: bool = False  # the network also predicts the variance (learn_sigma)
   denoiser_fn: Optional[Partial] = None  # with learned_variance: ε and the variance values
   class_names: Optional[tuple[str, ...]] = None  # for labels given by name
+  latent: Optional[LatentSpace] = None  # a latent model's VAE; None: pixel space
 
   @classmethod
-  def from_config(cls, config, network_fn, classifier_fn=None) -> "Pipeline":
+  def from_config(cls, config, network_fn, classifier_fn=None,
+                  latent: Optional[LatentSpace] = None) -> "Pipeline":
     """A pipeline over the denoiser `network_fn(x_t, t, y)` and the classifier function of a
-    model trained (or converted) with `config`."""
+    model trained (or converted) with `config`; `latent` for a latent model."""
     info = models.describe(config)
     eps_fn, denoiser_fn = network_fn, None
     if info.learned_variance:  # the network returns ε and the variance values
@@ -60,24 +103,48 @@ class Pipeline:
                num_classes=info.num_classes, null_label=info.null_label,
                image_shape=info.image_shape, config=config, classifier_fn=classifier_fn,
                learned_variance=info.learned_variance, denoiser_fn=denoiser_fn,
-               class_names=info.class_names)
+               class_names=info.class_names, latent=latent)
 
-  def sample(self, key, labels, **options):
+  @property
+  def output_shape(self) -> tuple[int, ...]:
+    """The shape of one sample as `sample` returns it: a decoded image for a latent model."""
+    return self.image_shape if self.latent is None else self.latent.image_shape
+
+  def encode(self, images):
+    """A latent model's latents of images in [−1, 1] (what `x_init` and the sampler see)."""
+    return self._latent_space().encode(images)
+
+  def decode(self, latents):
+    """A latent model's images in [−1, 1] of latents (e.g. `sample(..., decode=False)`'s)."""
+    return self._latent_space().decode(latents)
+
+  def _latent_space(self) -> LatentSpace:
+    if self.latent is None:
+      raise errors.InputError("This model works in pixel space: it has no encode or "
+                                       "decode.")
+    return self.latent
+
+  def sample(self, key, labels, *, decode: bool = True, **options):
     """`sampling.sample` with this model filled in; `options` are the sampler's keywords.
 
     The sampler's method, number of steps and η default to the config's `sampling`
     section. The classifier (if any) is passed unless `classifier_scale` is a plain 0, so
-    unguided sampling compiles without it.
+    unguided sampling compiles without it. A latent model samples latents (`x_init` is a
+    latent; x0 is not clipped, since latents are not in [−1, 1]) and returns them decoded,
+    or as they are with `decode=False`.
     """
     defaults = self._sampler_defaults()
+    if self.latent is not None:
+      defaults.setdefault("clip_denoised", False)
     scale = options.get("classifier_scale", defaults.get("classifier_scale", 0.0))
     if not (isinstance(scale, (int, float)) and scale == 0):
       defaults["classifier_fn"] = self.classifier_fn
     network_fn = self.denoiser_fn if self.learned_variance else self.eps_fn
-    return sampling.sample(key, network_fn, self.schedule, labels,
-                           image_shape=self.image_shape, null_label=self.null_label,
-                           num_classes=self.num_classes, learned_variance=self.learned_variance,
-                           **{**defaults, **options})
+    samples = sampling.sample(key, network_fn, self.schedule, labels,
+                              image_shape=self.image_shape, null_label=self.null_label,
+                              num_classes=self.num_classes,
+                              learned_variance=self.learned_variance, **{**defaults, **options})
+    return self.latent.decode(samples) if self.latent is not None and decode else samples
 
   def check_options(self, **options) -> None:
     """Raises an InputError for sampler options (`sample`'s keywords) that cannot work with
@@ -87,11 +154,12 @@ class Pipeline:
                                              if name in options})
 
   def _sampler_defaults(self) -> dict:
-    """The config's `sampling` section: method, num_steps, eta (and timestep_spacing and
-    classifier_scale where it sets them, as a converted checkpoint's does)."""
+    """The config's `sampling` section: method, num_steps, eta (and timestep_spacing,
+    classifier_scale, clip_denoised and guided_channels where it sets them, as a converted
+    checkpoint's does)."""
     section = self.config.sampling
     defaults = dict(method=section.method, num_steps=section.num_steps, eta=section.eta)
-    for name in ("timestep_spacing", "classifier_scale"):
+    for name in ("timestep_spacing", "classifier_scale", "clip_denoised", "guided_channels"):
       if section.get(name) is not None:
         defaults[name] = section[name]
     return defaults
@@ -112,26 +180,29 @@ def load(workdir: str, classifier_workdir: Optional[str] = None,
   config, eps_fn = _load_eps(paths.diffusion_checkpoints(workdir), step)
   classifier_fn = _load_classifier(classifier_workdir or workdir, config,
                                    required=classifier_workdir is not None)
-  return Pipeline.from_config(config, eps_fn, classifier_fn)
+  return Pipeline.from_config(config, eps_fn, classifier_fn, _load_latent(workdir, config))
 
 
-def load_weak(main: Pipeline, workdir: str, step: Optional[int] = None) -> Pipeline:
-  """Autoguidance's weak model: the EMA model of `workdir` at `step` (default: the latest),
-  e.g. an early kept step of the main run or a smaller or shorter run. It must share the
-  main model's data set (so image shape and classes) and noise schedule."""
+def load_weak(main: Pipeline, workdir: str, step: Optional[int] = None,
+              role: str = "weak") -> Pipeline:
+  """A second model that guides `main`: autoguidance's weak model (`role="weak"`), e.g. an
+  early kept step of the main run or a smaller or shorter run, or CFG's separate
+  unconditional network (`role="unconditional"`, for `guidance.CFG(uncond_eps_fn=...)`);
+  the EMA model of `workdir` at `step` (default: the latest). It must share the main model's
+  data set (so image shape and classes) and noise schedule."""
   directory = paths.diffusion_checkpoints(workdir)
   saved = checkpoints.read_config(directory, step)
   diffs = checkpoints.config_differences(saved, main.config.to_dict(), _SHARED_SECTIONS)
   if diffs:
     raise checkpoints.CheckpointError(
-        f"The weak model in {directory} does not match the main model ({'; '.join(diffs)}); "
+        f"The {role} model in {directory} does not match the main model ({'; '.join(diffs)}); "
         "train it with the same data set and schedule.")
-  weak = Pipeline.from_config(*_load_eps(directory, step))
-  if (weak.image_shape, weak.num_classes) != (main.image_shape, main.num_classes) or not (
-      np.array_equal(weak.schedule.alphas_cumprod, main.schedule.alphas_cumprod)):
-    raise checkpoints.CheckpointError(f"The weak model in {directory} has another image "
+  other = Pipeline.from_config(*_load_eps(directory, step))  # its ε alone: no VAE needed
+  if (other.image_shape, other.num_classes) != (main.image_shape, main.num_classes) or not (
+      np.array_equal(other.schedule.alphas_cumprod, main.schedule.alphas_cumprod)):
+    raise checkpoints.CheckpointError(f"The {role} model in {directory} has another image "
                                       "shape, classes or schedule than the main model.")
-  return weak
+  return other
 
 
 def _load_eps(directory: str, step: Optional[int]):
@@ -156,3 +227,20 @@ def _load_classifier(workdir: str, diffusion_config, required: bool) -> Optional
   graphdef, abstract_params = models.abstract(*models.classifier(config))
   params = checkpoints.restore_subtree(directory, "params", abstract_params)
   return Partial(models.apply, graphdef, params)
+
+
+def _load_latent(workdir: str, config) -> Optional[LatentSpace]:
+  """The VAE of a latent model's workdir (its `latent` section), None for a pixel model."""
+  section = config.get("latent")
+  if section is None:
+    return None
+  graphdef, abstract_params = models.abstract(vae.AutoencoderKL, section)
+  params = checkpoints.restore_subtree(paths.vae_checkpoints(workdir), "params", abstract_params)
+  return latent_space(section, graphdef, params)
+
+
+def latent_space(section, graphdef, params) -> LatentSpace:
+  """The LatentSpace of the VAE `(graphdef, params)` with the config `section`."""
+  return LatentSpace(Partial(vae.encode, graphdef, params), Partial(vae.decode, graphdef, params),
+                     float(section.scaling_factor), float(section.shift_factor),
+                     tuple(section.image_shape))

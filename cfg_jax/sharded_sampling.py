@@ -45,10 +45,10 @@ def sample_batches(key, model: pipeline.Pipeline, labels: Sequence[int], *, batc
     padded = np.resize(chunk, min(batch_size, len(labels)))
     x = images.to_uint8(sample_sharded(jax.random.fold_in(key, i), model, padded, mesh,
                                    **sample_options))
-    swept = x.ndim == len(model.image_shape) + 2  # (G, B, ...): the batch is axis 1
+    swept = x.ndim == len(model.output_shape) + 2  # (G, B, ...): the batch is axis 1
     out.append(x[:, :len(chunk)] if swept else x[:len(chunk)])
   if not out:
-    return np.zeros((0, *model.image_shape), np.uint8)
+    return np.zeros((0, *model.output_shape), np.uint8)
   return np.concatenate(out, axis=1 if swept else 0)
 
 
@@ -98,4 +98,5 @@ def replicate_model(model: pipeline.Pipeline, mesh) -> pipeline.Pipeline:
   return dataclasses.replace(
       model, eps_fn=eps_fn, denoiser_fn=denoiser_fn,
       schedule=distributed.replicate_tree(model.schedule, mesh),
-      classifier_fn=distributed.replicate_tree(model.classifier_fn, mesh))
+      classifier_fn=distributed.replicate_tree(model.classifier_fn, mesh),
+      latent=distributed.replicate_tree(model.latent, mesh))

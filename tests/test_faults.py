@@ -33,7 +33,7 @@ def _config(tiny_config, **train):
 
 def _state(workdir, config):
   """The final TrainState in `workdir/checkpoints`, read back from disk."""
-  _, params = denoiser.create_unet(config, 0)
+  _, params = denoiser.create_denoiser(config, 0)
   tx = loop.make_optimizer(**config.optimizer)
   mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), create=False)
   return checkpoints.restore(mngr, checkpoints.restore_target(loop.init_state(params, tx, True)))[0]
@@ -82,7 +82,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_one_before(tiny_workdir,
       path.write_bytes(b"garbage")
   config = _config(tiny_config)
   mngr = checkpoints.manager(str(work / "checkpoints"))
-  _, params = denoiser.create_unet(config, 0)
+  _, params = denoiser.create_denoiser(config, 0)
   state = loop.init_state(params, loop.make_optimizer(**config.optimizer), with_ema=True)
   restored = checkpoints.resume(mngr, state, config.to_dict(), denoiser.STATE_SECTIONS)
   assert int(restored.step) == previous

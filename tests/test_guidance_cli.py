@@ -28,6 +28,12 @@ def test_make_rule_builds_each_rule_from_flag_values():
   assert command_flags.make_rule("cfgpp", method="ddim") == guidance.CFGPlusPlus(0.6)
   rule = command_flags.make_rule("autoguidance", weak_eps_fn=weak)
   assert isinstance(rule, guidance.Autoguidance) and rule.weak_eps_fn is weak
+  assert command_flags.make_rule("cfgzero", 2.0, zero_init_steps=2) == guidance.CFGZeroStar(2.0, 2)
+  assert command_flags.make_rule("cfgzero") == guidance.CFGZeroStar(3.0, zero_init_steps=0)
+  assert command_flags.make_rule("icg", 1.5) == guidance.IndependentCondition(1.5)
+  uncond = lambda x, t, y: x  # noqa: E731
+  rule = command_flags.make_rule("cfg", 2.0, uncond_eps_fn=uncond)
+  assert isinstance(rule, guidance.CFG) and rule.uncond_eps_fn is uncond
   swept = command_flags.make_rule("apg", np.array([1.0, 2.0]))
   np.testing.assert_array_equal(swept.scale, [1.0, 2.0])
   # Options left unset (None) are the rule's defaults.
@@ -51,11 +57,47 @@ def test_make_rule_builds_each_rule_from_flag_values():
     ("cfg", None, dict(weight_schedule="square"), "Unknown weight_schedule"),
     ("autoguidance", None, {}, "needs a weak model; pass --weak_step N"),
     ("cfg", None, dict(weak_eps_fn=lambda x, t, y: x), "applies to --guidance=autoguidance"),
+    ("cfgzero", None, dict(zero_init_steps=-1),
+     "CFGZeroStar zero_init_steps must be a non-negative integer, got -1"),
+    ("cfg", None, dict(zero_init_steps=1), "--zero_init_steps applies to --guidance=cfgzero only"),
+    ("icg", None, dict(zero_init_steps=1), "--zero_init_steps applies to --guidance=cfgzero only"),
+    ("icg", None, dict(rescale=0.5), "--rescale applies to --guidance=cfg only"),
+    ("icg", None, dict(uncond_eps_fn=lambda x, t, y: x),
+     "A separate unconditional network applies to --guidance=cfg only"),
+    ("cfgzero", None, dict(weak_eps_fn=lambda x, t, y: x), "applies to --guidance=autoguidance"),
 ])
 def test_make_rule_rejects_bad_combinations_in_one_line(kind, scale, kwargs, message):
   with pytest.raises(ValueError) as info:
     command_flags.make_rule(kind, scale, **kwargs)
   assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_every_guidance_kind_has_sweep_scales():
+  from cfg_jax.app import sweep_job
+
+  assert set(sweep_job.DEFAULT_SCALES) == set(command_flags.KINDS)
+
+
+def test_icg_and_a_separate_network_guide_a_pipeline_without_a_null_label():
+  """The rules make_rule builds for a model that has no ε(x, t, ∅): ICG draws from the
+  pipeline's classes, CFG takes ε_u from the separate network."""
+  import ml_collections
+  from jax.tree_util import Partial
+
+  from cfg_jax import pipeline, schedules
+
+  config = ml_collections.ConfigDict(dict(sampling=dict(method="ddim", num_steps=5, eta=0.0)))
+  eps = Partial(lambda x, t, y: 0.5 * jnp.tanh(x) + 0.1 * y[:, None])
+  model = pipeline.Pipeline(eps_fn=eps, schedule=schedules.linear(1000), num_classes=3,
+                            null_label=None, image_shape=(2,), config=config)
+  uncond = Partial(lambda x, t, y: 0.5 * jnp.tanh(x))
+  for rule in (command_flags.make_rule("icg"),
+               command_flags.make_rule("cfg", uncond_eps_fn=uncond)):
+    x = model.sample(jax.random.key(0), [0, 1, 2], guidance=rule)
+    assert x.shape == (3, 2) and np.all(np.isfinite(x))
+  with pytest.raises(ValueError, match="needs null_label") as info:
+    model.sample(jax.random.key(0), [0, 1], guidance=command_flags.make_rule("cfgzero"))
+  assert "\n" not in str(info.value)
 
 
 # -- kept checkpoints (fast: a stand-in train step, real Orbax) -----------------------------
@@ -158,6 +200,11 @@ def test_sample_with_each_rule_and_method_writes_samples(tiny_workdir, tmp_path)
                                                                 dynamic_threshold=0.99)),
       "cfgpp": (dict(guidance="cfgpp", guidance_scale=0.5),
                 dict(method="ddim", timestep_spacing="trailing")),
+      "cfgzero": (dict(guidance="cfgzero", guidance_scale=2.0, zero_init_steps=1),
+                  dict(method="dpmpp_2m")),
+      "icg": (dict(guidance="icg", guidance_scale=2.0), dict(method="ddpm")),
+      "separate": (dict(guidance="cfg", guidance_scale=2.0, uncond_workdir=str(tiny_workdir)),
+                   dict(method="ddim", guided_channels=1)),
   }
   for name, (rule, options) in cases.items():
     npz, png = sample_job.sample_to_npz(workdir=str(tiny_workdir), out=str(tmp_path / f"{name}.npz"),
@@ -188,6 +235,10 @@ def test_bad_flag_combinations_exit_2_with_one_line(tiny_workdir, tmp_path):
   assert_one_line_error(run("sweep.py", "--workdir", tiny_workdir, "--out_dir", tmp_path / "s",
                             "--apg_momentum=-0.5", "--interval", "3,1"),
                         "--apg_momentum applies to --guidance=apg only")
+  assert_one_line_error(run("sample.py", *out, "--guidance", "apg", "--uncond_workdir",
+                            tiny_workdir), "--uncond_workdir applies to --guidance=cfg only")
+  assert_one_line_error(run("sample.py", *out, "--guided_channels", 2),
+                        "guided_channels must be an int in 1..1")
   assert not (tmp_path / "x.npz").exists()
 
 

@@ -90,7 +90,7 @@ def test_group_norm_matches_flax_group_norm_with_scale_shift():
 
 def test_bfloat16_compute_keeps_float32_weights_and_matches_float32():
   config = digits_tiny.get_config()
-  graphdef, params = denoiser.create_unet(config, 0)
+  graphdef, params = denoiser.create_denoiser(config, 0)
   # Non-zero output convs, so the outputs depend on every layer.
   params = jax.tree_util.tree_map(lambda p: p + 0.05 * jnp.cos(jnp.arange(p.size)).reshape(
       p.shape), params)

@@ -44,7 +44,7 @@ def test_load_restores_the_ema_parameters_only(model, tiny_workdir):
   from cfg_jax.train import loop
 
   config = model.config
-  _, params = denoiser.create_unet(config, 0)
+  _, params = denoiser.create_denoiser(config, 0)
   tx = loop.make_optimizer(**config.optimizer)
   full, _ = checkpoints.restore(
       checkpoints.manager(str(tiny_workdir / "checkpoints"), create=False),

@@ -11,7 +11,7 @@ from cfg_jax.train import denoiser
 
 def test_one_device_gives_the_samples_of_all_devices(tiny_config):
   assert jax.device_count() > 1, "tests/conftest.py asks XLA for several host devices"
-  graphdef, params = denoiser.create_unet(tiny_config, 0)  # untrained is enough
+  graphdef, params = denoiser.create_denoiser(tiny_config, 0)  # untrained is enough
   model = pipeline.Pipeline.from_config(tiny_config, Partial(models.apply, graphdef, params))
   labels = np.arange(13) % 10  # 13: divides no device count here, so batches are padded
   sample = lambda mesh: sharded_sampling.sample_batches(

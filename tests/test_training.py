@@ -9,7 +9,7 @@ from cfg_jax.train import classifier, denoiser, loop
 
 def _run_steps(config, split, devices, num_steps=3):
   mesh = distributed.data_mesh(devices)
-  graphdef, params = denoiser.create_unet(config, 0)
+  graphdef, params = denoiser.create_denoiser(config, 0)
   tx = loop.make_optimizer(**config.optimizer)
   state = distributed.replicate_tree(loop.init_state(params, tx, with_ema=True), mesh)
   step = loop.jit_data_parallel(
@@ -30,7 +30,7 @@ def test_eight_devices_match_one(tiny_config, digits_train):
                          one.params, eight.params)
   assert int(eight.step) == 3
   # The EMA moved towards the new parameters, but not all the way.
-  _, init = denoiser.create_unet(tiny_config, 0)
+  _, init = denoiser.create_denoiser(tiny_config, 0)
   leaf = lambda tree: np.asarray(tree["encoder"]["input_conv"]["kernel"])
   assert 0 < np.abs(leaf(eight.ema_params) - leaf(init)).max() < np.abs(
       leaf(eight.params) - leaf(init)).max()
@@ -129,7 +129,7 @@ def test_train_step_traces_once(tiny_config, digits_train):
   import chex
 
   mesh = distributed.data_mesh(jax.devices()[:1])
-  graphdef, params = denoiser.create_unet(tiny_config, 0)
+  graphdef, params = denoiser.create_denoiser(tiny_config, 0)
   tx = loop.make_optimizer(**tiny_config.optimizer)
   step_fn = denoiser.make_train_step(
       graphdef, tx, schedules.from_config(tiny_config.diffusion), tiny_config)

@@ -17,7 +17,8 @@ from cfg_jax import errors, guidance, sampling
 
 FLAGS = flags.FLAGS
 _RULE_OPTIONS = ("interval", "weight_schedule", "rescale", "apg_eta", "apg_momentum",
-                 "apg_norm_threshold", "weak_workdir", "weak_step")
+                 "apg_norm_threshold", "zero_init_steps", "weak_workdir", "weak_step",
+                 "uncond_workdir")
 
 if "multihost" not in FLAGS:  # every entry point has it; defined once per process
   flags.DEFINE_bool("multihost", False, "Join the other processes of a multi-host job "
@@ -32,7 +33,9 @@ def define_sampler_flags():
   flags.DEFINE_integer("num_steps", None, "Denoising steps; default: the model's (50 for "
                        "digits, 250 for a converted ADM).")
   flags.DEFINE_enum("guidance", "cfg", KINDS, "Guidance rule: classifier-free (cfg), "
-                    "adaptive projected (apg), CFG++ (cfgpp, DDIM only) or autoguidance.")
+                    "adaptive projected (apg), CFG++ (cfgpp, DDIM only), autoguidance, "
+                    "CFG-Zero* (cfgzero) or independent condition guidance (icg: needs no "
+                    "null label).")
   flags.DEFINE_string("interval", None, "cfg: guide only where sigma_lo < σ_t <= sigma_hi, "
                       "given as 'sigma_lo,sigma_hi' (e.g. 0.28,5.42; 'inf' allowed).")
   flags.DEFINE_enum("weight_schedule", None, guidance.WEIGHT_SCHEDULES, "cfg: γ_t over time "
@@ -41,10 +44,18 @@ def define_sampler_flags():
   flags.DEFINE_float("apg_eta", None, "apg: weight η of the parallel component; default 0.")
   flags.DEFINE_float("apg_momentum", None, "apg: momentum β (e.g. -0.5); default 0 (off).")
   flags.DEFINE_float("apg_norm_threshold", None, "apg: norm cap r; default 0 (off).")
+  flags.DEFINE_integer("zero_init_steps", None, "cfgzero: the first K steps leave x_T as it "
+                       "is (CFG-Zero*'s zero-init); default 0.")
   flags.DEFINE_string("weak_workdir", None, "autoguidance: workdir of the weak model (a "
                       "smaller or shorter run); default: --workdir with --weak_step.")
   flags.DEFINE_integer("weak_step", None, "autoguidance: checkpoint step of the weak model, "
                        "e.g. one kept with --config.train.keep_steps; default: its latest.")
+  flags.DEFINE_string("uncond_workdir", None, "cfg: workdir of a separate unconditional "
+                      "network (same data set and schedule) whose ε is ε_u, e.g. to guide "
+                      "a model without a null label.")
+  flags.DEFINE_integer("guided_channels", None, "Guide only the first K channels of ε, the "
+                       "rest keep the conditional ε (DiT's own sampler: 3 of 4 latent "
+                       "channels); default: the model's (all).")
   flags.DEFINE_enum("timestep_spacing", None, sampling.SPACINGS, "Visited timesteps, as in "
                     "diffusers; default: the model's (leading; linspace for a converted ADM).")
   flags.DEFINE_float("dynamic_threshold", None, "Imagen's dynamic thresholding percentile p "
@@ -60,7 +71,8 @@ def sampler_keywords() -> dict:
   """The sampler options the flags set (those left unset keep the sampler's defaults)."""
   keywords = dict(method=FLAGS.method, num_steps=FLAGS.num_steps,
                   timestep_spacing=FLAGS.timestep_spacing,
-                  dynamic_threshold=FLAGS.dynamic_threshold)
+                  dynamic_threshold=FLAGS.dynamic_threshold,
+                  guided_channels=FLAGS.guided_channels)
   return {k: v for k, v in keywords.items() if v is not None}
 
 
@@ -90,18 +102,21 @@ def parse_labels(text: Optional[str]) -> Optional[list[Union[int, str]]]:
 
 
 # The --guidance names of the rules, and the scale each takes when none is given.
-KINDS = ("cfg", "apg", "cfgpp", "autoguidance")
-DEFAULT_SCALES = {"cfg": 3.0, "apg": 3.0, "cfgpp": 0.6, "autoguidance": 2.0}
+KINDS = ("cfg", "apg", "cfgpp", "autoguidance", "cfgzero", "icg")
+DEFAULT_SCALES = {"cfg": 3.0, "apg": 3.0, "cfgpp": 0.6, "autoguidance": 2.0, "cfgzero": 3.0,
+                  "icg": 3.0}
 _KIND_OPTIONS = {
     "cfg": ("interval", "weight_schedule", "rescale"),
     "apg": ("apg_eta", "apg_momentum", "apg_norm_threshold"),
     "cfgpp": (),
     "autoguidance": (),
+    "cfgzero": ("zero_init_steps",),
+    "icg": (),
 }
 
 
 def make_rule(kind: str = "cfg", scale=None, *, method: Optional[str] = None,
-              weak_eps_fn=None, **options):
+              weak_eps_fn=None, uncond_eps_fn=None, **options):
   """The rule that the sample.py/sweep.py flags describe; None means "not given".
 
   Args:
@@ -109,8 +124,10 @@ def make_rule(kind: str = "cfg", scale=None, *, method: Optional[str] = None,
     scale: the rule's scale (a scalar or a 1-D array to sweep); None: DEFAULT_SCALES[kind].
     method: the sampler, when known, so CFG++ off DDIM fails before any model is loaded.
     weak_eps_fn: autoguidance's weaker ε-function.
+    uncond_eps_fn: cfg's separate unconditional network (`guidance.CFG.uncond_eps_fn`).
     **options: `interval` ("lo,hi" or a pair, in σ), `weight_schedule`, `rescale` (cfg);
-      `apg_eta`, `apg_momentum`, `apg_norm_threshold` (apg). Errors name them as flags.
+      `apg_eta`, `apg_momentum`, `apg_norm_threshold` (apg); `zero_init_steps` (cfgzero).
+      Errors name them as flags. icg takes its classes from the model when it samples.
   """
   if kind not in KINDS:
     raise errors.InputError(f"Unknown --guidance {kind!r}; use one of {', '.join(KINDS)}.")
@@ -125,6 +142,9 @@ def make_rule(kind: str = "cfg", scale=None, *, method: Optional[str] = None,
   if kind != "autoguidance" and weak_eps_fn is not None:
     raise errors.InputError(f"A weak model applies to --guidance=autoguidance only, not "
                             f"--guidance={kind}.")
+  if kind != "cfg" and uncond_eps_fn is not None:
+    raise errors.InputError(f"A separate unconditional network applies to --guidance=cfg only, "
+                            f"not --guidance={kind}.")
   if kind == "cfgpp" and method not in (None, "ddim"):
     raise errors.InputError(f"--guidance=cfgpp works with --method=ddim only, got "
                             f"--method={method}.")
@@ -133,11 +153,15 @@ def make_rule(kind: str = "cfg", scale=None, *, method: Optional[str] = None,
   if kind == "cfg":
     if "interval" in given:
       given["interval"] = parse_interval(given["interval"])
-    return guidance.CFG(scale=scale, **given)
+    return guidance.CFG(scale=scale, uncond_eps_fn=uncond_eps_fn, **given)
   if kind == "apg":
     return guidance.APG(scale=scale, **{k[len("apg_"):]: v for k, v in given.items()})
   if kind == "cfgpp":
     return guidance.CFGPlusPlus(scale=scale)
+  if kind == "cfgzero":
+    return guidance.CFGZeroStar(scale=scale, **given)
+  if kind == "icg":
+    return guidance.IndependentCondition(scale=scale)
   if weak_eps_fn is None:
     raise errors.InputError("--guidance=autoguidance needs a weak model; pass --weak_step N (an "
                             "earlier checkpoint of this run) or --weak_workdir DIR.")

@@ -16,7 +16,9 @@ def validate(config) -> None:
   """Raises `ConfigError` naming the first bad field of `config` and how to fix it."""
   _int(config, "seed", low=0)
   spec = data.spec(config.data.name)
-  _model(config.model, "model", spec)
+  _denoiser(config.model, spec)
+  if config.get("latent") is not None:
+    _latent(config)
   _diffusion(config.diffusion)
   train = config.train
   _int(train, "num_steps", "train", low=0)
@@ -80,6 +82,58 @@ def _number(section, name, prefix, low=None, high=None, low_open=False, high_ope
     _fail(field, f"must be a finite number in {lo or '(-inf, '}{hi or 'inf)'}, got {value!r}",
           f"set --config.{field} within that range")
   return value
+
+
+def _denoiser(m, spec):
+  """The diffusion model's section: the UNet's fields, or a DiT's (`family="dit"`)."""
+  name = m.get("family", "unet")
+  if name == "unet":
+    _model(m, "model", spec)
+  elif name == "dit":
+    _dit(m, spec)
+  else:
+    _fail("model.family", f"is {name!r}, which cfg-jax does not train",
+          "train family 'unet' or 'dit'; convert released ADM models with convert.py")
+
+
+def _latent(config):
+  """Latent diffusion: a DiT on the frozen VAE of another workdir, the split in memory."""
+  if config.model.get("family", "unet") != "dit":
+    _fail("latent", "needs a DiT (model.family='dit')", "use configs/dit_latent.py")
+  if not config.latent.get("vae_workdir"):
+    _fail("latent.vae_workdir", "is empty", "name a workdir with a VAE, e.g. one written by "
+          "convert.py dit")
+  if config.data.get("streaming", False):
+    _fail("data.streaming", "is True, but a latent model encodes its split once, in memory",
+          "set --config.data.streaming=False")
+  if config.classifier.num_steps > 0:
+    _fail("classifier.num_steps", "must be 0 for a latent model (the noisy classifier trains "
+          "on pixels)", "set --config.classifier.num_steps=0")
+
+
+def _dit(m, spec):
+  patch = _int(m, "patch_size", "model", low=1)
+  hidden = _int(m, "hidden_size", "model", low=4)
+  heads = _int(m, "num_heads", "model", low=1)
+  _int(m, "depth", "model", low=1)
+  height, width, _ = spec.image_shape
+  if height % patch or width % patch:
+    _fail("model.patch_size", f"({patch}) must divide the image size {height}×{width}",
+          "choose a divisor")
+  if hidden % heads or hidden % 4:
+    _fail("model.hidden_size", f"({hidden}) must be a multiple of 4 (the 2-D sin-cos "
+          f"positions) and of num_heads ({heads})", "choose such a width")
+  if "mlp_ratio" in m:
+    _number(m, "mlp_ratio", "model", low=0, low_open=True)
+  if "dropout" in m:
+    _number(m, "dropout", "model", low=0, high=1, high_open=True)
+  if m.get("learn_sigma", False):
+    _fail("model.learn_sigma", "is True, but cfg-jax trains ε alone (no variance loss)",
+          "set --config.model.learn_sigma=False")
+  for name in ("image_shape", "num_classes", "class_dropout_prob"):
+    if name in m:
+      _fail(f"model.{name}", "is set by the data set and diffusion.p_uncond in training",
+            f"remove model.{name}")
 
 
 def _model(m, prefix, spec):

@@ -17,11 +17,20 @@ from cfg_jax.sampling.checks import check_labels
 
 def guidance_rule(model: pipeline.Pipeline, workdir: str, guidance: str = "cfg",
                   guidance_scale=None, *, weak_workdir: Optional[str] = None,
-                  weak_step: Optional[int] = None, method: Optional[str] = None, **options):
+                  weak_step: Optional[int] = None, uncond_workdir: Optional[str] = None,
+                  method: Optional[str] = None, **options):
   """The guidance rule that sample.py/sweep.py's flags describe, for `model` (loaded from
-  `workdir`; a model without a null label defaults to γ = 1, its conditional pass); loads autoguidance's weak model from `weak_workdir` (default: `workdir`) at
-  `weak_step` (default: its latest). `options` are `command_flags.make_rule`'s."""
-  if guidance == "cfg" and guidance_scale is None and model.null_label is None:
+  `workdir`; a model without a null label defaults to γ = 1, its conditional pass).
+
+  Loads autoguidance's weak model from `weak_workdir` (default: `workdir`) at `weak_step`
+  (default: its latest), and CFG's separate unconditional network from `uncond_workdir`.
+  `options` are `command_flags.make_rule`'s.
+  """
+  if uncond_workdir is not None and guidance != "cfg":
+    raise errors.InputError(f"--uncond_workdir applies to --guidance=cfg only, not "
+                            f"--guidance={guidance}.")
+  if (guidance == "cfg" and guidance_scale is None and model.null_label is None
+      and uncond_workdir is None):
     guidance_scale = 1.0  # no unconditional pass: the conditional model itself
   wants_weak = weak_workdir is not None or weak_step is not None
   if wants_weak and guidance != "autoguidance":
@@ -37,8 +46,12 @@ def guidance_rule(model: pipeline.Pipeline, workdir: str, guidance: str = "cfg",
                                 f"{latest}); pass an earlier --weak_step or another "
                                 "--weak_workdir.")
     weak_eps_fn = pipeline.load_weak(model, weak_workdir, weak_step).eps_fn
+  uncond_eps_fn = None
+  if uncond_workdir is not None:
+    uncond_eps_fn = pipeline.load_weak(model, uncond_workdir, role="unconditional").eps_fn
   return command_flags.make_rule(guidance, guidance_scale, method=method,
-                                 weak_eps_fn=weak_eps_fn, **options)
+                                 weak_eps_fn=weak_eps_fn, uncond_eps_fn=uncond_eps_fn,
+                                 **options)
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:

@@ -40,6 +40,10 @@ def parse_flags_or_exit(argv):
     return flags.FLAGS(argv)
   except flags.Error as e:
     _exit_with(e)
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.X of a field not there
+    field = str(e).strip("\"'")
+    _exit_with(f"the config has no field {field!r} to override (--config.…{field}); see the "
+               "config file for its fields.")
 
 
 def config_value(holder):

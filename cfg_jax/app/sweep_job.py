@@ -24,7 +24,8 @@ from cfg_jax.evaluation import METRIC_NAMES, MIN_SAMPLES, evalnet, evaluate, for
 
 # The scales swept when none are given, by --guidance.
 DEFAULT_SCALES = {"cfg": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0), "apg": (1.0, 2.0, 3.0, 5.0, 8.0),
-                  "cfgpp": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "autoguidance": (1.0, 1.5, 2.0, 3.0)}
+                  "cfgpp": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "autoguidance": (1.0, 1.5, 2.0, 3.0),
+                  "cfgzero": (1.0, 1.5, 2.0, 3.0, 5.0), "icg": (1.0, 1.5, 2.0, 3.0, 5.0)}
 
 
 def run_sweep(*, workdir: str, guidance_scales: Sequence[float] = (),

@@ -15,7 +15,7 @@ from jax.tree_util import Partial
 from cfg_jax import (checkpoints, data, distributed, errors, images, models, paths, pipeline,
                      sharded_sampling)
 from cfg_jax.app import config_checks, console, files, locking
-from cfg_jax.train import classifier, denoiser
+from cfg_jax.train import classifier, denoiser, latent
 
 
 def sample_grid(path: str, model: pipeline.Pipeline, seed: int, **sample_options):
@@ -39,6 +39,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   """
   started = time.perf_counter()
   config_checks.validate(config)
+  config = _with_vae_config(config)
   config_checks.check_devices(config, jax.device_count())
   paths.check_folder_usable(workdir, f"the workdir {workdir}", "choose another --workdir")
   for directory, sections in (
@@ -60,6 +61,19 @@ def train_and_evaluate(config, workdir: str) -> None:
       if created is not None and distributed.is_main():
         _remove_if_only_startup_files(workdir, created)
       raise
+
+
+def _with_vae_config(config):
+  """A latent model's config with its `latent` section completed from the VAE it names
+  (`latent.vae_workdir`): the VAE's own config, saved with every checkpoint."""
+  section = config.get("latent")
+  if section is None:
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.latent = latent.vae_section(section.vae_workdir)
+    config.latent.image_shape = data.spec(config.data.name).image_shape
+  return config
 
 
 def _first_missing(path: str) -> Optional[str]:
@@ -93,6 +107,9 @@ def _train_and_evaluate(config, workdir: str, started: float) -> None:
   devices = jax.devices()
   train_split = data.open_split(config.data.name, "train", config.data.data_dir or None,
                                 config.data.download, config.data.get("streaming", False))
+  latent_space = None
+  if config.get("latent") is not None:
+    latent_space, train_split = _encoded(config, workdir, train_split)
   hosts = f" on {distributed.process_count()} hosts" if distributed.process_count() > 1 else ""
   console.say(f"Training on {config.data.name} ({len(train_split):,} images) with "
               f"{len(devices)} {devices[0].platform.upper()} device(s){hosts}; outputs in "
@@ -106,7 +123,7 @@ def _train_and_evaluate(config, workdir: str, started: float) -> None:
     console.say("Noisy classifier test accuracy by noise quarter (low → high t): "
                 + ", ".join(f"{a:.3f}" for a in quarters))
   model = pipeline.Pipeline.from_config(config, Partial(models.apply, graphdef, state.ema_params),
-                                        classifier_fn)
+                                        classifier_fn, latent_space)
   grids = {}
   for scale in config.sampling.guidance_scales:
     path = paths.sample_grid(workdir, "cfg", scale)
@@ -119,6 +136,21 @@ def _train_and_evaluate(config, workdir: str, started: float) -> None:
   console.say("Sample grids (one row per class): " + ", ".join(map(os.path.basename, grids)))
   console.say(f"Done in {time.perf_counter() - started:.0f} s{_judged(grids, config, workdir)}. "
               f"Sample more with: python sample.py --workdir {workdir}")
+
+
+def _encoded(config, workdir: str, split):
+  """(the LatentSpace, the split encoded by it) of a latent model, whose VAE is copied into
+  the workdir once so the trained model loads on its own."""
+  section = config.latent
+  graphdef, params = latent.restore_vae(section.vae_workdir, section)
+  target = paths.vae_checkpoints(workdir)
+  if distributed.is_main() and checkpoints.latest_step(target) is None:
+    manager = checkpoints.manager(target, max_to_keep=1)
+    checkpoints.save(manager, 0, {"params": params}, config.to_dict())
+    manager.wait_until_finished()
+  console.say(f"Encoding {len(split):,} images with the VAE of {section.vae_workdir}.")
+  return pipeline.latent_space(section, graphdef, params), latent.encode_split(
+      split, graphdef, params)
 
 
 def _judged(grids: dict, config, workdir: str) -> str:

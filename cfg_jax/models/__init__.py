@@ -23,7 +23,7 @@ from flax import nnx
 
 from cfg_jax import data, errors
 
-FAMILIES = ("unet", "adm")
+FAMILIES = ("unet", "adm", "dit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,16 @@ def family(section) -> str:
 
 
 def describe(config) -> ModelInfo:
-  """The ModelInfo of the denoiser a workdir's config describes."""
+  """The ModelInfo of the denoiser a workdir's config describes (of its latents, for a model
+  trained on a VAE's latents)."""
+  if family(config.model) == "dit":
+    from cfg_jax.data import class_names
+
+    net = dit_config(config)
+    names = class_names.imagenet() if net.num_classes == 1000 else None
+    return ModelInfo(tuple(net.image_shape), net.num_classes,
+                     net.num_classes if net.class_dropout_prob > 0 else None,
+                     bool(net.learn_sigma), names)
   if family(config.model) == "adm":
     from cfg_jax.data import class_names
     from cfg_jax.models.adm import presets
@@ -59,6 +68,10 @@ def describe(config) -> ModelInfo:
 
 def denoiser(config):
   """(network class, its config) of the denoiser ε_θ a workdir's config describes."""
+  if family(config.model) == "dit":
+    from cfg_jax.models.dit import network
+
+    return network.DiT, dit_config(config)
   if family(config.model) == "adm":
     from cfg_jax.models.adm import network, presets
 
@@ -90,6 +103,41 @@ def model_config(config, section=None) -> ml_collections.ConfigDict:
   out.image_shape = spec.image_shape
   out.num_classes = spec.num_classes
   return out
+
+
+# DiT's own conventions (`cfg_jax.models.dit.network`) for a DiT trained here.
+DIT_TRAINING_DEFAULTS = dict(mlp_ratio=4.0, learn_sigma=False, freq_shift=0.0,
+                             mlp_norm_eps=1e-6, per_block_embedder=False, dropout=0.0)
+
+
+def dit_config(config) -> ml_collections.ConfigDict:
+  """The DiT network config of a workdir's `model` section. A converted model's section holds
+  its latent shape and classes; a trained one's come from the data set (pixel space) or
+  from the data set through the VAE of the `latent` section, and its null label row from
+  the conditioning dropout."""
+  net = ml_collections.ConfigDict(config.model.to_dict())
+  del net.family
+  if net.get("image_shape") is None:
+    spec = data.spec(config.data.name)
+    net.image_shape = tuple(spec.image_shape)
+    if config.get("latent") is not None:
+      net.image_shape = latent_shape(spec.image_shape, config.latent)
+    net.num_classes = spec.num_classes
+    net.class_dropout_prob = float(config.diffusion.p_uncond)
+    for name, value in DIT_TRAINING_DEFAULTS.items():
+      if name not in net:
+        net[name] = value
+  return net
+
+
+def latent_shape(image_shape, vae_config) -> tuple[int, int, int]:
+  """The latent (h, w, c) of an image of `image_shape` through the VAE of `vae_config`."""
+  factor = 2 ** (len(vae_config.block_out_channels) - 1)
+  height, width, _ = image_shape
+  if height % factor or width % factor:
+    raise errors.ConfigError(f"Images of {height}×{width} do not divide by the VAE's "
+                             f"downsampling factor {factor}.")
+  return (height // factor, width // factor, vae_config.latent_channels)
 
 
 def split_params(model: nnx.Module):

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from cfg_jax import errors
-from cfg_jax.guidance import CFG, Autoguidance, as_float32
+from cfg_jax.guidance import CFG, Autoguidance, IndependentCondition, as_float32
 from cfg_jax.sampling import checks, loop
 from cfg_jax.sampling.checks import METHODS, check_options
 from cfg_jax.sampling.guided import ClassifierFn, EpsFn, concrete, passes_needed
@@ -99,6 +99,7 @@ def sample(
     classifier_fn: Optional[ClassifierFn] = None,
     classifier_scale=0.0,
     learned_variance: bool = False,
+    guided_channels: Optional[int] = None,
 ):
   """Draws x_0 of shape (B, *image_shape) for the B given labels.
 
@@ -120,11 +121,15 @@ def sample(
       starts far from pure noise), "trailing" or "linspace"; see the module docstring.
     guidance_scale: γ of plain classifier-free guidance, a scalar or a 1-D array of G scales;
       None means 1 (or `guidance`). Needs `null_label` unless it is 1.
-    guidance: a rule of `cfg_jax.guidance` (CFG, APG, CFGPlusPlus, Autoguidance), instead of
-      `guidance_scale`; its scale may be a 1-D array of G scales too.
+    guidance: a rule of `cfg_jax.guidance` (CFG, APG, CFGPlusPlus, Autoguidance,
+      CFGZeroStar, IndependentCondition), instead of `guidance_scale`; its scale may be a
+      1-D array of G scales too. ICG draws its labels from `num_classes`, and a model
+      without a null label is guided by ICG, by CFG with a separate `uncond_eps_fn`, by
+      autoguidance or by a classifier.
     null_label: the label id that means "unconditional" (num_classes for our models).
     num_classes: the number of classes the model knows, to refuse other labels (an embedding
-      table looked up out of range gives NaN); None checks only against null_label.
+      table looked up out of range gives NaN) and for ICG to draw from; None checks only
+      against null_label.
     classifier_fn: `classifier_fn(x_t, t) -> logits` of a noisy classifier p_φ(y | x_t).
     classifier_scale: s, the classifier-guidance scale (a concrete 0 computes no gradient and
       compiles without the classifier; a traced one always computes it).
@@ -132,6 +137,9 @@ def sample(
       channels, guided-diffusion's `learn_sigma`). DDPM then samples with the learned Σ
       (`ddpm.learned_log_variance`), taken from the conditional pass; DDIM and DPM-Solver++
       use ε alone.
+    guided_channels: guide only the first k channels of ε, the rest keep the conditional ε
+      (DiT's original `forward_with_cfg` guides 3 of 4 latent channels, diffusers'
+      `DiTPipeline` all); None guides every channel.
 
   Returns:
     (B, *image_shape) samples, or (G, B, *image_shape) for G scales (the same x_T for each).
@@ -151,13 +159,20 @@ def sample(
   warning = checks.check_options(schedule, method=method, num_steps=num_steps, eta=eta,
                                  timestep_spacing=timestep_spacing,
                                  dynamic_threshold=dynamic_threshold)
+  if isinstance(guidance, IndependentCondition) and guidance.num_classes is None:
+    guidance = guidance.replace(num_classes=num_classes)
   checks.check_call(labels, image_shape, x_init, method, guidance, null_label, num_classes,
                     classifier_fn, classifier_scale)
+  checks.check_zero_init(guidance, num_steps)
   if warning:  # allowed for the default spacing, but never silently
     warnings.warn(warning, UserWarning, stacklevel=2)
   if isinstance(guidance, Autoguidance):
     guidance = guidance.replace(weak_eps_fn=_as_partial(guidance.weak_eps_fn))
+  if isinstance(guidance, CFG) and guidance.uncond_eps_fn is not None:
+    guidance = guidance.replace(uncond_eps_fn=_as_partial(guidance.uncond_eps_fn))
   passes = passes_needed(guidance, null_label)  # decided on the concrete values, before tracing
+  if guided_channels is not None and passes == "uncond":
+    passes = "both"  # the unguided channels still need ε_c
   # γ = 0 and γ = 1 run one pass of the same compiled program, on ∅ or on the labels.
   one_pass_labels = jnp.full_like(labels, null_label) if passes == "uncond" else labels
   passes = "one" if passes in ("cond", "uncond") else passes
@@ -166,6 +181,7 @@ def sample(
     classifier_fn = None  # s = 0 computes no gradient: a program without the classifier
   if image_shape is None:
     image_shape = x_init.shape[1:]
+  checks.check_guided_channels(guided_channels, tuple(image_shape))
   samples = loop.sample_loop_jit(
       key,
       _as_partial(eps_fn),
@@ -186,6 +202,7 @@ def sample(
       null_label=None if null_label is None else int(null_label),
       passes=passes,
       learned_variance=bool(learned_variance),
+      guided_channels=None if guided_channels is None else int(guided_channels),
   )
   checks.check_finite(samples, len(image_shape))
   return samples

@@ -113,9 +113,17 @@ def check_call(labels, image_shape, x_init, method, rule, null_label, num_classe
   if cls_scale is not None and (cls_scale.shape != () or not np.isfinite(cls_scale)):
     raise errors.InputError(f"classifier_scale must be a finite scalar, got "
                             f"{classifier_scale!r}.")
-  _check_rule(rule, method, null_label)
+  _check_rule(rule, method, null_label, num_classes)
   if classifier_fn is None and cls_scale is not None and cls_scale != 0:
     raise errors.InputError("classifier_scale is non-zero but no classifier_fn was given.")
+
+
+def check_guided_channels(guided_channels, image_shape) -> None:
+  channels = image_shape[-1]
+  if guided_channels is not None and (
+      not isinstance(guided_channels, (int, np.integer)) or not 0 < guided_channels <= channels):
+    raise errors.InputError(f"guided_channels must be an int in 1..{channels} (the channels of "
+                            f"a sample) or None (all), got {guided_channels!r}.")
 
 
 def check_labels(labels, null_label, num_classes):
@@ -139,7 +147,15 @@ def check_labels(labels, null_label, num_classes):
     raise errors.InputError(f"label {int(bad[0])} is out of range; labels must be {limit}.")
 
 
-def _check_rule(rule, method, null_label):
+def check_zero_init(rule, num_steps) -> None:
+  """CFG-Zero*'s zero-init must leave at least one step that denoises."""
+  steps = concrete(rule.zero_init_steps) if isinstance(rule, guidance.CFGZeroStar) else None
+  if steps is not None and steps >= num_steps:
+    raise errors.InputError(f"CFGZeroStar zero_init_steps={int(steps)} would hold x_T through "
+                            f"all num_steps={num_steps} steps; use fewer zero-init steps.")
+
+
+def _check_rule(rule, method, null_label, num_classes):
   if not isinstance(rule, guidance.RULES):
     names = ", ".join(r.__name__ for r in guidance.RULES)
     raise errors.InputError(f"guidance must be one of cfg_jax.guidance's {names}; got "
@@ -152,6 +168,16 @@ def _check_rule(rule, method, null_label):
     if rule.weak_eps_fn is None:
       raise errors.InputError("Autoguidance needs weak_eps_fn, the weaker model's ε-function.")
     return
+  if isinstance(rule, guidance.IndependentCondition):
+    if rule.num_classes is None:
+      raise errors.InputError("IndependentCondition needs num_classes, the classes its guiding "
+                              "labels are drawn from; pass num_classes to sample.")
+    if num_classes is not None and rule.num_classes != num_classes:
+      raise errors.InputError(f"IndependentCondition num_classes={rule.num_classes} differs from "
+                              f"the model's num_classes={num_classes}.")
+    return
+  if isinstance(rule, guidance.CFG) and rule.uncond_eps_fn is not None:
+    return  # ε_u comes from the separate network
   if null_label is None:
     scale = concrete(rule.scale)
     plain = isinstance(rule, guidance.CFG) and rule.weight_schedule == "constant"
@@ -159,7 +185,10 @@ def _check_rule(rule, method, null_label):
       shown = f"guidance_scale={scale.tolist()}" if plain else name
       raise errors.InputError(f"{shown} needs null_label, the unconditional pass ε(x, t, ∅), "
                               "which this model does not have; use guidance_scale=1 (the "
-                              "conditional model), classifier guidance or autoguidance.")
+                              "conditional model), guidance.IndependentCondition (sample.py "
+                              "--guidance icg), a separate unconditional network "
+                              "(guidance.CFG(uncond_eps_fn=...)), classifier guidance or "
+                              "autoguidance.")
 
 
 def check_finite(samples, image_ndim):

@@ -18,19 +18,49 @@ ClassifierFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (x_t, t) -> 
 
 
 def guided_eps(rule, passes, eps_fn, ctx: guidance.StepContext, labels, null_label, state,
-               learned_variance=False):
-  """(ε̂, ε̂_renoise, state, v) of the rule, from both passes ("both") or the main and the weak
-  model ("main+weak"); v, the learned-variance values, come from the conditional (main) pass."""
+               learned_variance=False, guided_channels=None, rule_key=None):
+  """(ε̂, ε̂_renoise, state, v) of the rule, from one batched call of the model at the labels
+  and at the guiding labels ("both": ∅, or ICG's ŷ drawn from `rule_key`) or from two models
+  ("two_models": autoguidance's main and weak, or CFG's model and its separate unconditional
+  network); v, the learned-variance values, come from the conditional (main) pass.
+
+  `guided_channels=k` guides only the first k channels of ε; the rest keep the conditional
+  ε (DiT's original `forward_with_cfg` guides 3 of its 4 latent channels). None guides all.
+  """
   x_t, t = ctx.x_t, ctx.t
-  if passes not in ("both", "main+weak"):
-    raise ValueError(f"guided_eps runs 'both' or 'main+weak' passes, not {passes!r}.")
-  if passes == "main+weak":  # autoguidance: two models, both conditional
-    main, values = model_output(eps_fn, x_t, t, labels, learned_variance)
-    weak, _ = model_output(rule.weak_eps_fn, x_t, t, labels)  # ε alone, whatever the model
-    return (*rule.combine(ctx, main, weak, state), values)
-  eps_cond, eps_uncond, values = both_passes(eps_fn, x_t, t, labels, null_label,
-                                             learned_variance)
-  return (*rule.combine(ctx, eps_cond, eps_uncond, state), values)
+  if passes not in ("both", "two_models"):
+    raise ValueError(f"guided_eps runs 'both' or 'two_models' passes, not {passes!r}.")
+  if passes == "two_models":  # both on the labels: an unconditional network ignores them
+    eps_cond, values = model_output(eps_fn, x_t, t, labels, learned_variance)
+    other, _ = model_output(second_eps_fn(rule), x_t, t, labels)  # ε alone, whatever the model
+  else:
+    eps_cond, other, values = both_passes(eps_fn, x_t, t, labels,
+                                          guiding_labels(rule, labels, null_label, rule_key),
+                                          learned_variance)
+  eps, eps_renoise, state = rule.combine(ctx, eps_cond, other, state)
+  if guided_channels is not None:
+    eps, eps_renoise = (keep_unguided_channels(e, eps_cond, guided_channels)
+                        for e in (eps, eps_renoise))
+  return eps, eps_renoise, state, values
+
+
+def second_eps_fn(rule):
+  """The ε-function of a "two_models" rule's other model: autoguidance's weak one, or CFG's
+  separate unconditional network."""
+  return rule.weak_eps_fn if isinstance(rule, guidance.Autoguidance) else rule.uncond_eps_fn
+
+
+def guiding_labels(rule, labels, null_label, rule_key):
+  """The labels of the pass a "both" rule guides away from: ICG's ŷ, else ∅."""
+  if isinstance(rule, guidance.IndependentCondition):
+    return rule.guide_labels(rule_key, labels, null_label)
+  return jnp.full_like(labels, null_label)
+
+
+def keep_unguided_channels(eps_guided, eps_cond, guided_channels: int):
+  """ε̂ on the first `guided_channels` channels, ε_c on the rest."""
+  return jnp.concatenate([eps_guided[..., :guided_channels],
+                          eps_cond[..., guided_channels:]], axis=-1)
 
 
 def model_output(eps_fn, x_t, t, y, learned_variance=False):
@@ -46,23 +76,26 @@ def model_output(eps_fn, x_t, t, y, learned_variance=False):
   return eps, values
 
 
-def both_passes(eps_fn, x_t, t, y, null_label, learned_variance=False):
-  """(ε_c, ε_u, v_c) from one batched 2B call, as maxdiffusion does."""
+def both_passes(eps_fn, x_t, t, y, y_guide, learned_variance=False):
+  """(ε_c, ε at the guiding labels y_guide, v_c) from one batched 2B call, as maxdiffusion
+  does."""
   eps, values = model_output(eps_fn, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                             jnp.concatenate([y, jnp.full_like(y, null_label)]),
-                             learned_variance)
-  eps_cond, eps_uncond = jnp.split(eps, 2)
-  return eps_cond, eps_uncond, None if values is None else jnp.split(values, 2)[0]
+                             jnp.concatenate([y, y_guide]), learned_variance)
+  eps_cond, eps_guide = jnp.split(eps, 2)
+  return eps_cond, eps_guide, None if values is None else jnp.split(values, 2)[0]
 
 
 def uses_null_label(rule) -> bool:
-  """Whether sampling with `rule` reads ε(x, t, ∅): all but autoguidance and a concrete plain
-  γ = 1 (which runs the conditional pass alone)."""
-  return passes_needed(rule, null_label=0) not in ("cond", "main+weak")
+  """Whether sampling with `rule` reads ε(x, t, ∅): all but autoguidance, ICG, CFG with a
+  separate unconditional network and a concrete plain γ = 1 (the conditional pass alone)."""
+  if isinstance(rule, guidance.IndependentCondition):
+    return False
+  return passes_needed(rule, null_label=0) not in ("cond", "two_models")
 
 
 def passes_needed(rule, null_label) -> str:
-  """Which ε passes a step runs: "cond", "uncond", "both" (one 2B call) or "main+weak".
+  """Which ε passes a step runs: "cond", "uncond", "both" (one 2B call, at the labels and at
+  ∅ or ICG's ŷ) or "two_models" (autoguidance; CFG with a separate unconditional network).
 
   `sample` runs "cond" and "uncond" as one program ("one" pass, on the labels or on ∅).
 
@@ -70,18 +103,20 @@ def passes_needed(rule, null_label) -> str:
   each case compiles once, never once per value.
   """
   if isinstance(rule, guidance.Autoguidance):
-    return "main+weak"
+    return "two_models"
   if not isinstance(rule, guidance.CFG):
     return "both"
-  if null_label is None:
+  separate = rule.uncond_eps_fn is not None
+  if null_label is None and not separate:
     return "cond"
   scale, rescale = concrete(rule.scale), concrete(rule.rescale)
   if scale is not None and scale.shape == ():
     if scale == 1 and rule.weight_schedule == "constant":
       return "cond"  # γ_t = 1 inside the interval and out: ε̂ = ε_c, rescaled or not
-    if scale == 0 and rule.interval is None and rescale is not None and rescale == 0:
-      return "uncond"  # γ_t = 0 everywhere: ε̂ = ε_u
-  return "both"
+    if (scale == 0 and rule.interval is None and rescale is not None and rescale == 0
+        and not separate):
+      return "uncond"  # γ_t = 0 everywhere: ε̂ = ε(x, t, ∅)
+  return "two_models" if separate else "both"
 
 
 def classifier_gradient(classifier_fn: ClassifierFn, x_t, t, y, scale):

@@ -1,8 +1,9 @@
 """Training the denoiser ε_θ(x_t, t, y) with conditioning dropout (Ho & Salimans 2021,
 Algorithm 1).
 
-The loss itself is `cfg_jax.diffusion.cfg_loss`; this module binds it to the UNet and the
-config and runs it through the shared loop (`cfg_jax.train.loop.fit`).
+The loss itself is `cfg_jax.diffusion.cfg_loss`; this module binds it to the config's network
+(the UNet, or a DiT with `model.family = "dit"`) and runs it through the shared loop
+(`cfg_jax.train.loop.fit`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from __future__ import annotations
 import jax
 
 from cfg_jax import data, diffusion, models, paths, schedules
-from cfg_jax.models import unet
-from cfg_jax.train import loop
+from cfg_jax.train import latent, loop
 
 # Config sections that shape the saved state: resuming with other values is an error.
 # seed and batch size fix the batches and keys of the steps still to come.
-STATE_SECTIONS = ("data.name", "model", "diffusion", "seed", "train.batch_size")
+STATE_SECTIONS = ("data.name", "model", "latent", "diffusion", "seed", "train.batch_size")
 
 
 def state_sections(config) -> tuple:
@@ -24,26 +24,32 @@ def state_sections(config) -> tuple:
                                                  "train.num_steps")
 
 
-def create_unet(config, seed):
-  """(graphdef, params) of a freshly initialised UNet for `config`; `seed` is an int or a
-  key (training uses `loop.key_streams(config.seed).init`)."""
-  return models.create(unet.UNet, models.model_config(config), seed=seed)
+def create_denoiser(config, seed):
+  """(graphdef, params) of the freshly initialised network of `config`; `seed` is an int or
+  a key (training uses `loop.key_streams(config.seed).init`)."""
+  return models.create(*models.denoiser(config), seed=seed)
 
 
 def make_loss_fn(graphdef, schedule: schedules.Schedule, config) -> loop.LossFn:
-  """`loss_fn(params, batch, key)`: the CFG ε-MSE of the UNet, with dropout, computed in
+  """`loss_fn(params, batch, key)`: the CFG ε-MSE of the network, with dropout, computed in
   `config.train.dtype` (float32 weights either way)."""
   null_label = data.spec(config.data.name).num_classes
   compute_dtype = config.train.get("dtype", "float32")
 
+  section = config.get("latent")
+
   def loss_fn(params, batch, key):
     loss_key, dropout_key = jax.random.split(key)
+    x0 = batch["image"]
+    if section is not None:  # the batch holds q(z | x)'s moments: draw this step's z
+      loss_key, latent_key = jax.random.split(loss_key)
+      x0 = latent.sample_latents(x0, latent_key, section.scaling_factor, section.shift_factor)
 
     def eps_apply(params, x_t, t, y):
       return models.apply_in_dtype(graphdef, params, x_t, t, y, dtype=compute_dtype,
                                    dropout_key=dropout_key)
 
-    loss, _ = diffusion.cfg_loss(params, eps_apply, schedule, batch["image"], batch["label"],
+    loss, _ = diffusion.cfg_loss(params, eps_apply, schedule, x0, batch["label"],
                                  loss_key, p_uncond=config.diffusion.p_uncond,
                                  null_label=null_label)
     return loss, {}
@@ -59,7 +65,7 @@ def make_train_step(graphdef, tx, schedule, config):
 
 def train(config, workdir: str, train_split: data.Split, mesh=None):
   """Trains (or resumes) the diffusion model; returns (graphdef, final TrainState)."""
-  graphdef, params = create_unet(config, loop.key_streams(config.seed).init)
+  graphdef, params = create_denoiser(config, loop.key_streams(config.seed).init)
   state = loop.fit(
       description="diffusion",
       loss_fn=make_loss_fn(graphdef, schedules.from_config(config.diffusion), config),

@@ -184,6 +184,17 @@ def dit_names_diffusers(config) -> Mapping:
   return Mapping(names, tied)
 
 
+def embedders_tied(state_dict, depth: int) -> bool:
+  """Whether every block of a diffusers DiT state dict holds the same (t, y) embedder as block
+  0 (checkpoints converted from DiT do): then one embedder serves all."""
+  prefix = "transformer_blocks.{}.norm1.emb."
+  first = {k[len(prefix.format(0)):]: v for k, v in state_dict.items()
+           if k.startswith(prefix.format(0))}
+  return all(np.array_equal(np.asarray(state_dict.get(prefix.format(j) + name, np.nan)),
+                            np.asarray(value))
+             for j in range(1, depth) for name, value in first.items())
+
+
 def dit_names_original(config) -> Mapping:
   """Our DiT parameters ← DiT's `models.py` keys; its `pos_embed` must be the fixed sin-cos."""
   if config.per_block_embedder:

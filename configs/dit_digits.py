@@ -1,0 +1,27 @@
+"""A small DiT (Peebles & Xie 2023) with classifier-free guidance on the embedded 8×8 digits.
+
+  python train.py --config configs/dit_digits.py --workdir runs/dit_digits
+
+The same training as configs/digits.py (conditioning dropout, EMA, the noisy classifier
+for classifier guidance) with the UNet replaced by a DiT in pixel space: 2×2 patches make
+16 tokens of width 128. The label table gets its null row from diffusion.p_uncond.
+"""
+
+from configs import digits
+
+
+def get_config():
+  config = digits.get_config()
+  config.model = dict(
+      family="dit",
+      patch_size=2,
+      hidden_size=128,
+      depth=6,
+      num_heads=4,
+      mlp_ratio=4.0,
+      dropout=0.0,
+      learn_sigma=False,  # cfg-jax trains ε alone
+  )
+  config.optimizer.learning_rate = 1e-3
+  config.train.num_steps = 2000
+  return config
