@@ -5,7 +5,7 @@ All functions are pure and jittable. `t` always indexes the full schedule (0..T-
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import chex
 import jax
@@ -64,11 +64,15 @@ def cfg_loss(
     *,
     p_uncond: float,
     null_label: int,
+    min_snr_gamma: Optional[float] = None,
 ):
   """Algorithm 1 of Ho & Salimans (2021): the ε-MSE with conditioning dropout.
 
   Draws t ~ U{0..T-1}, ε ~ N(0, I) and the label drop from `key`, so one network
-  learns both ε(x_t, t, y) and ε(x_t, t, ∅).
+  learns both ε(x_t, t, y) and ε(x_t, t, ∅). `min_snr_gamma=γ` weights each example's
+  ε-MSE by min(SNR_t, γ)/SNR_t, SNR_t = ᾱ_t/(1 − ᾱ_t) (Hang et al. 2023, "Efficient
+  diffusion training via min-SNR weighting", eq. for ε-prediction): the low-noise steps,
+  whose ε is nearly unlearnable and whose gradients conflict with the rest, count less.
 
   Returns:
     (loss, aux): the mean squared ε error, and a dict with the per-example loss,
@@ -83,5 +87,9 @@ def cfg_loss(
   eps = eps_apply(params, x_t, t, y)
   chex.assert_equal_shape([eps, noise])  # a wrong shape would broadcast silently
   loss_per_example = jnp.mean(jnp.square(eps - noise).reshape(batch, -1), axis=-1)
+  if min_snr_gamma is not None:
+    signal, noise_std = schedule.scales(t)
+    snr = jnp.square(signal / noise_std)
+    loss_per_example = loss_per_example * jnp.minimum(snr, min_snr_gamma) / snr
   aux = {"per_example_loss": loss_per_example, "t": t, "dropped": dropped}
   return jnp.mean(loss_per_example), aux

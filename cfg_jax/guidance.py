@@ -18,6 +18,7 @@ Notation (per example; D denotes an x0-prediction, as in Karras et al. and Sadat
 
 `combine` returns (ε̂, ε̂_renoise, state): ε̂ forms x̂0 and ε̂_renoise the direction back to the
 next x (they differ only for CFG++); `state` is carried through the sampler's scan.
+`Distilled` combines nothing: its student computes ε̂ itself, from w.
 """
 
 from __future__ import annotations
@@ -339,7 +340,34 @@ class IndependentCondition:
     return eps, eps, state
 
 
-RULES = (CFG, APG, CFGPlusPlus, Autoguidance, CFGZeroStar, IndependentCondition)
+@flax.struct.dataclass
+class Distilled:
+  """Guidance distilled into the model (Meng et al. 2023, "On distillation of guided diffusion
+  models", stage 1): a student ε_s(x_t, t, y, w) trained to match its teacher's
+  ε̂ = ε_u + w·(ε_c − ε_u) takes w as an input, so each step runs one pass, at the labels.
+
+  For a student only (`cfg_jax.load` of a distilled workdir turns `guidance_scale=w` into this
+  rule): the sampler calls `eps_fn(x_t, t, y, w)` with w of shape (B,). Classifier guidance
+  composes with it as with any rule.
+
+  Attributes:
+    scale: w = γ (0: unconditional, 1: conditional; Meng et al.'s w is γ − 1), best within
+      the range the student was trained on; scalar or a 1-D array to sweep.
+  """
+
+  scale: Any = 1.0
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self):
+    _check_scale("Distilled scale", self.scale)
+
+  def init_state(self, x):
+    return ()
+
+
+RULES = (CFG, APG, CFGPlusPlus, Autoguidance, CFGZeroStar, IndependentCondition, Distilled)
 
 
 def as_float32(rule):

@@ -13,6 +13,10 @@ A latent model (DiT on the Stable Diffusion VAE) also has `encode(images)` and
 `decode(latents)`; its `sample` runs the sampler on latents and returns decoded images
 (`decode=False`: the latents).
 
+A guidance-distilled student (`guidance_distilled`, trained by `configs/digits_distill.py`)
+takes the guidance scale as an input: `sample(key, labels, guidance_scale=w)` runs one pass
+per step (`guidance.Distilled(w)`), and rules that need the teacher's passes are refused.
+
 `load` restores only what sampling needs: the EMA parameters of the ε-network (and the
 noisy classifier's parameters, when the workdir has one), restored partially into
 abstract targets, with no random init and no optimizer state. The functional
@@ -33,7 +37,7 @@ import ml_collections
 import numpy as np
 from jax.tree_util import Partial
 
-from cfg_jax import checkpoints, errors, models, paths, sampling, schedules
+from cfg_jax import checkpoints, errors, guidance, models, paths, sampling, schedules
 from cfg_jax.models.dit import vae
 
 # What a classifier and a diffusion model must share for the classifier to guide it; the
@@ -89,6 +93,7 @@ class Pipeline:
   denoiser_fn: Optional[Partial] = None  # with learned_variance: ε and the variance values
   class_names: Optional[tuple[str, ...]] = None  # for labels given by name
   latent: Optional[LatentSpace] = None  # a latent model's VAE; None: pixel space
+  guidance_distilled: bool = False  # eps_fn(x_t, t, y, w): a student that takes w itself
 
   @classmethod
   def from_config(cls, config, network_fn, classifier_fn=None,
@@ -103,7 +108,8 @@ class Pipeline:
                num_classes=info.num_classes, null_label=info.null_label,
                image_shape=info.image_shape, config=config, classifier_fn=classifier_fn,
                learned_variance=info.learned_variance, denoiser_fn=denoiser_fn,
-               class_names=info.class_names, latent=latent)
+               class_names=info.class_names, latent=latent,
+               guidance_distilled=info.guidance_distilled)
 
   @property
   def output_shape(self) -> tuple[int, ...]:
@@ -131,8 +137,10 @@ class Pipeline:
     section. The classifier (if any) is passed unless `classifier_scale` is a plain 0, so
     unguided sampling compiles without it. A latent model samples latents (`x_init` is a
     latent; x0 is not clipped, since latents are not in [−1, 1]) and returns them decoded,
-    or as they are with `decode=False`.
+    or as they are with `decode=False`. A guidance-distilled student samples with
+    `guidance_scale=w` (default 1, its conditional model) or `guidance=guidance.Distilled(w)`.
     """
+    options = self._with_guidance_rule(options)
     defaults = self._sampler_defaults()
     if self.latent is not None:
       defaults.setdefault("clip_denoised", False)
@@ -145,6 +153,28 @@ class Pipeline:
                               num_classes=self.num_classes,
                               learned_variance=self.learned_variance, **{**defaults, **options})
     return self.latent.decode(samples) if self.latent is not None and decode else samples
+
+  def _with_guidance_rule(self, options: dict) -> dict:
+    """`options` with a student's `guidance_scale=w` as `guidance.Distilled(w)`; a rule the
+    model cannot run (one needing the teacher's passes on a student, Distilled on any other
+    model) is an InputError."""
+    rule = options.get("guidance")
+    if not self.guidance_distilled:
+      if isinstance(rule, guidance.Distilled):
+        raise errors.InputError("guidance.Distilled needs a guidance-distilled student "
+                                "(config.model.guidance_embedding); guide this model with "
+                                "guidance_scale or another rule.")
+      return options
+    if rule is None:
+      scale = options.get("guidance_scale")
+      rule = guidance.Distilled(1.0 if scale is None else scale)
+      return {**{k: v for k, v in options.items() if k != "guidance_scale"}, "guidance": rule}
+    if not isinstance(rule, guidance.Distilled):
+      raise errors.InputError(f"This model is a guidance-distilled student: it takes the "
+                              f"guidance scale as an input (guidance_scale=w, or "
+                              f"guidance.Distilled(w)); {type(rule).__name__} needs its "
+                              f"teacher's passes, so sample the teacher for it.")
+    return options
 
   def check_options(self, **options) -> None:
     """Raises an InputError for sampler options (`sample`'s keywords) that cannot work with
@@ -202,6 +232,10 @@ def load_weak(main: Pipeline, workdir: str, step: Optional[int] = None,
       np.array_equal(other.schedule.alphas_cumprod, main.schedule.alphas_cumprod)):
     raise checkpoints.CheckpointError(f"The {role} model in {directory} has another image "
                                       "shape, classes or schedule than the main model.")
+  if other.guidance_distilled:
+    raise checkpoints.CheckpointError(f"The {role} model in {directory} is a guidance-distilled "
+                                      "student, which needs w; use a model trained with "
+                                      "configs/digits.py.")
   return other
 
 

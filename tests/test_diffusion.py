@@ -64,3 +64,21 @@ def test_loss_is_zero_for_the_exact_eps_and_sees_the_dropped_labels():
                               p_uncond=0.5, null_label=10)
   np.testing.assert_array_equal(seen["y"], np.where(aux["dropped"], 10, 3))
   np.testing.assert_array_equal(aux["dropped"], dropped)  # same key, same drop
+
+
+def test_min_snr_weighting_scales_each_example_by_min_snr_over_snr():
+  """Hang et al.'s min-SNR-γ for ε-prediction: per-example ε-MSE × min(SNR_t, γ)/SNR_t."""
+  s = schedules.get("cosine", 1000)
+  x0 = jnp.zeros((256, 2, 2, 1))
+  constant_error = lambda p, x_t, t, y: jnp.zeros_like(x_t) + p  # noqa: E731
+  key = jax.random.key(3)
+  plain, aux = diffusion.cfg_loss(0.0, constant_error, s, x0, jnp.zeros((256,), jnp.int32), key,
+                                  p_uncond=0.1, null_label=10)
+  weighted, waux = diffusion.cfg_loss(0.0, constant_error, s, x0, jnp.zeros((256,), jnp.int32),
+                                      key, p_uncond=0.1, null_label=10, min_snr_gamma=5.0)
+  abar = np.asarray(s.alphas_cumprod, np.float64)[np.asarray(aux["t"])]
+  snr = abar / (1 - abar)
+  np.testing.assert_allclose(waux["per_example_loss"],
+                             aux["per_example_loss"] * np.minimum(snr, 5.0) / snr, rtol=3e-4)
+  assert float(weighted) < float(plain)  # low-noise examples (SNR > 5) count less
+  assert (snr > 5).any() and (snr < 5).any()

@@ -116,7 +116,7 @@ _KIND_OPTIONS = {
 
 
 def make_rule(kind: str = "cfg", scale=None, *, method: Optional[str] = None,
-              weak_eps_fn=None, uncond_eps_fn=None, **options):
+              weak_eps_fn=None, uncond_eps_fn=None, distilled: bool = False, **options):
   """The rule that the sample.py/sweep.py flags describe; None means "not given".
 
   Args:
@@ -125,6 +125,8 @@ def make_rule(kind: str = "cfg", scale=None, *, method: Optional[str] = None,
     method: the sampler, when known, so CFG++ off DDIM fails before any model is loaded.
     weak_eps_fn: autoguidance's weaker ε-function.
     uncond_eps_fn: cfg's separate unconditional network (`guidance.CFG.uncond_eps_fn`).
+    distilled: the model is a guidance-distilled student: plain cfg at γ becomes
+      `guidance.Distilled(γ)`, one pass per step; other rules and options are refused.
     **options: `interval` ("lo,hi" or a pair, in σ), `weight_schedule`, `rescale` (cfg);
       `apg_eta`, `apg_momentum`, `apg_norm_threshold` (apg); `zero_init_steps` (cfgzero).
       Errors name them as flags. icg takes its classes from the model when it samples.
@@ -150,6 +152,14 @@ def make_rule(kind: str = "cfg", scale=None, *, method: Optional[str] = None,
                             f"--method={method}.")
   scale = DEFAULT_SCALES[kind] if scale is None else scale
   given = {k: v for k, v in options.items() if v is not None}
+  if distilled:
+    if kind != "cfg" or given or uncond_eps_fn is not None:
+      flag = f"--guidance={kind}" if kind != "cfg" else (
+          f"--{next(iter(given))}" if given else "A separate unconditional network")
+      raise errors.InputError(f"{flag} cannot guide a guidance-distilled student, which takes "
+                              "γ as an input; use --guidance=cfg with --guidance_scale alone, "
+                              "or sample its teacher.")
+    return guidance.Distilled(scale=scale)
   if kind == "cfg":
     if "interval" in given:
       given["interval"] = parse_interval(given["interval"])

@@ -19,6 +19,7 @@ def validate(config) -> None:
   _denoiser(config.model, spec)
   if config.get("latent") is not None:
     _latent(config)
+  _distill(config)
   _diffusion(config.diffusion)
   train = config.train
   _int(train, "num_steps", "train", low=0)
@@ -111,6 +112,33 @@ def _latent(config):
           "on pixels)", "set --config.classifier.num_steps=0")
 
 
+def _distill(config):
+  """A guidance-distilled student: a UNet with a w-embedding, and the teacher it learns from
+  (read and checked against the student by `train.distill.resolve_teacher`)."""
+  section = config.get("distill")
+  embedded = config.model.get("guidance_embedding", False)
+  if section is None:
+    if embedded:
+      _fail("model.guidance_embedding", "is True without a distill section (a student learns "
+            "from a teacher)", "use configs/digits_distill.py")
+    return
+  if not embedded or config.model.get("family", "unet") != "unet":
+    _fail("model", "must be a UNet with guidance_embedding=True for distillation",
+          "use configs/digits_distill.py")
+  if not section.get("teacher_workdir"):
+    _fail("distill.teacher_workdir", "is empty", "name the teacher's workdir, e.g. "
+          "--config.distill.teacher_workdir=runs/digits")
+  if section.get("teacher_step") is not None:
+    _int(section, "teacher_step", "distill", low=0)
+  scales = section.guidance_scale_range
+  ok = (isinstance(scales, (tuple, list)) and len(scales) == 2
+        and all(isinstance(v, numbers.Real) and math.isfinite(v) for v in scales)
+        and scales[0] < scales[1])
+  if not ok:
+    _fail("distill.guidance_scale_range", f"must be (low, high) with low < high, got "
+          f"{scales!r}", "e.g. --config.distill.guidance_scale_range='(0.0, 4.0)'")
+
+
 def _dit(m, spec):
   patch = _int(m, "patch_size", "model", low=1)
   hidden = _int(m, "hidden_size", "model", low=4)
@@ -167,6 +195,8 @@ def _diffusion(d):
   _int(d, "num_timesteps", "diffusion", low=1)
   # 0 never trains the null label (guidance would mix in garbage); 1 never the classes.
   _number(d, "p_uncond", "diffusion", low=0, high=1, low_open=True, high_open=True)
+  if d.get("min_snr_gamma") is not None:
+    _number(d, "min_snr_gamma", "diffusion", low=0, low_open=True)
 
 
 def _optimizer(o, prefix, num_steps):

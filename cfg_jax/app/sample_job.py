@@ -24,8 +24,17 @@ def guidance_rule(model: pipeline.Pipeline, workdir: str, guidance: str = "cfg",
 
   Loads autoguidance's weak model from `weak_workdir` (default: `workdir`) at `weak_step`
   (default: its latest), and CFG's separate unconditional network from `uncond_workdir`.
-  `options` are `command_flags.make_rule`'s.
+  `options` are `command_flags.make_rule`'s. A guidance-distilled student takes plain cfg
+  alone, as `guidance.Distilled`.
   """
+  if model.guidance_distilled:  # γ is the student's input: no second model to load
+    for flag, value in (("weak_workdir", weak_workdir), ("weak_step", weak_step),
+                        ("uncond_workdir", uncond_workdir)):
+      if value is not None:
+        raise errors.InputError(f"--{flag} does not apply to {workdir}, a guidance-distilled "
+                                "student, which takes γ as an input; sample its teacher for it.")
+    return command_flags.make_rule(guidance, guidance_scale, method=method, distilled=True,
+                                   **options)
   if uncond_workdir is not None and guidance != "cfg":
     raise errors.InputError(f"--uncond_workdir applies to --guidance=cfg only, not "
                             f"--guidance={guidance}.")

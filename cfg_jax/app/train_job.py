@@ -1,5 +1,7 @@
 """The main job (`python train.py`): the diffusion model, then the noisy classifier, then
-sample grids, with a short account on the console and the details in `workdir/train.log`."""
+sample grids, with a short account on the console and the details in `workdir/train.log`.
+A config with a `distill` section trains a guidance-distilled student of its teacher in place
+of the diffusion model (`cfg_jax.train.distill`)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from jax.tree_util import Partial
 from cfg_jax import (checkpoints, data, distributed, errors, images, models, paths, pipeline,
                      sharded_sampling)
 from cfg_jax.app import config_checks, console, files, locking
-from cfg_jax.train import classifier, denoiser, latent
+from cfg_jax.train import classifier, denoiser, distill, latent
 
 
 def sample_grid(path: str, model: pipeline.Pipeline, seed: int, **sample_options):
@@ -40,10 +42,12 @@ def train_and_evaluate(config, workdir: str) -> None:
   started = time.perf_counter()
   config_checks.validate(config)
   config = _with_vae_config(config)
+  if config.get("distill") is not None:  # the teacher checked, its step recorded
+    config = distill.resolve_teacher(config)
   config_checks.check_devices(config, jax.device_count())
   paths.check_folder_usable(workdir, f"the workdir {workdir}", "choose another --workdir")
   for directory, sections in (
-      (paths.diffusion_checkpoints(workdir), denoiser.state_sections(config)),
+      (paths.diffusion_checkpoints(workdir), _diffusion_trainer(config).state_sections(config)),
       (paths.classifier_checkpoints(workdir), classifier.state_sections(config))):
     checkpoints.check_resumable(directory, config.to_dict(), sections)
   created = _first_missing(workdir)
@@ -74,6 +78,11 @@ def _with_vae_config(config):
     config.latent = latent.vae_section(section.vae_workdir)
     config.latent.image_shape = data.spec(config.data.name).image_shape
   return config
+
+
+def _diffusion_trainer(config):
+  """The module that trains the ε-network: `distill` for a student, else `denoiser`."""
+  return denoiser if config.get("distill") is None else distill
 
 
 def _first_missing(path: str) -> Optional[str]:
@@ -114,7 +123,12 @@ def _train_and_evaluate(config, workdir: str, started: float) -> None:
   console.say(f"Training on {config.data.name} ({len(train_split):,} images) with "
               f"{len(devices)} {devices[0].platform.upper()} device(s){hosts}; outputs in "
               f"{workdir}")
-  graphdef, state = denoiser.train(config, workdir, train_split)
+  if config.get("distill") is not None:
+    section = config.distill
+    low, high = section.guidance_scale_range
+    console.say(f"Distilling the guided teacher of {section.teacher_workdir} (step "
+                f"{section.teacher_step}) into a student taking γ in [{low:g}, {high:g}].")
+  graphdef, state = _diffusion_trainer(config).train(config, workdir, train_split)
   console.say(f"Diffusion model: {models.count_params(state.params):,} parameters, "
               f"{int(state.step)} steps of batch {config.train.batch_size}.")
   classifier_fn = None

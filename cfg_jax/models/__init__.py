@@ -35,6 +35,8 @@ class ModelInfo:
   null_label: Optional[int]  # the label id of ε(x, t, ∅); None: the model has no such pass
   learned_variance: bool = False  # the output holds ε and the variance values (2C channels)
   class_names: Optional[tuple[str, ...]] = None
+  # ε(x_t, t, y, w): a guidance-distilled student that takes the guidance scale w itself
+  guidance_distilled: bool = False
 
 
 def family(section) -> str:
@@ -63,7 +65,8 @@ def describe(config) -> ModelInfo:
     return ModelInfo(tuple(net.image_shape), presets.NUM_CLASSES, None,
                      net.out_channels == 2 * net.in_channels, class_names.imagenet())
   spec = data.spec(config.data.name)
-  return ModelInfo(tuple(spec.image_shape), spec.num_classes, spec.num_classes)
+  return ModelInfo(tuple(spec.image_shape), spec.num_classes, spec.num_classes,
+                   guidance_distilled=bool(config.model.get("guidance_embedding", False)))
 
 
 def denoiser(config):

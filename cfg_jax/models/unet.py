@@ -2,7 +2,9 @@
 
 Residual blocks with GroupNorm and scale-shift conditioning on the (time + class)
 embedding, sinusoidal timestep features, self-attention at chosen resolutions, dropout.
-The class embedding has num_classes + 1 rows: the last one is the null label ∅.
+The class embedding has num_classes + 1 rows: the last one is the null label ∅. With
+`guidance_embedding` the UNet also takes the guidance scale w (a guidance-distilled
+student, Meng et al. 2023), embedded as the timestep is and added to the same embedding.
 Dropout takes an explicit key (`dropout_key`); without one the model is deterministic.
 """
 
@@ -178,8 +180,32 @@ class _TimeEmbedding(nnx.Module):
     return self.fc2(nnx.silu(self.fc1(features)))
 
 
+# w·100 before the sinusoids: their periods, 2π/100 to 2π·100 in w, then span the guidance
+# range (γ in [0, 4], say) as the timestep's 2π to 2π·10⁴ span t in 0..999.
+GUIDANCE_FEATURE_SCALE = 100.0
+
+
+class _GuidanceEmbedding(nnx.Module):
+  """Meng et al. 2023's embedding of the guidance scale w: the timestep's sinusoidal
+  features (of w·GUIDANCE_FEATURE_SCALE) through an MLP, whose zero-initialised output
+  makes a fresh student its teacher's conditional model ε(x_t, t, y) at every w."""
+
+  def __init__(self, channels, emb_dim, *, rngs):
+    self.channels = channels
+    self.fc1 = nnx.Linear(channels, emb_dim, rngs=rngs)
+    self.fc2 = nnx.Linear(emb_dim, emb_dim, kernel_init=nnx.initializers.zeros, rngs=rngs)
+
+  def __call__(self, w):
+    features = layers.timestep_embedding(w * GUIDANCE_FEATURE_SCALE, self.channels)
+    return self.fc2(nnx.silu(self.fc1(features.astype(self.fc1.kernel[...].dtype))))
+
+
 class UNet(nnx.Module):
-  """ε_θ(x_t, t, y); y == num_classes is the null label (unconditional)."""
+  """ε_θ(x_t, t, y); y == num_classes is the null label (unconditional).
+
+  With `config.guidance_embedding`, ε_s(x_t, t, y, w): w (B,) float, the guidance scale
+  γ (0: unconditional, 1: conditional) whose guided ε̂ the student learned.
+  """
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     ch = config.base_channels
@@ -205,9 +231,17 @@ class UNet(nnx.Module):
     self.out_norm = _norm(in_ch, config.num_groups, rngs)
     self.out_conv = conv.Conv(in_ch, config.image_shape[-1], (3, 3),
                              kernel_init=nnx.initializers.zeros, rngs=rngs)
+    # Made last, so every other layer draws the initial values it draws without it.
+    self.guidance_embed = (_GuidanceEmbedding(ch, emb_dim, rngs=rngs)
+                           if config.get("guidance_embedding", False) else None)
 
-  def __call__(self, x, t, y, *, dropout_key=None):
+  def __call__(self, x, t, y, w=None, *, dropout_key=None):
+    if (w is None) != (self.guidance_embed is None):
+      raise TypeError("A UNet with guidance_embedding takes the guidance scale w (ε(x_t, t, "
+                      "y, w)); one without takes none (ε(x_t, t, y)).")
     emb = self.time_embed(t) + self.class_embed(y)
+    if w is not None:
+      emb = emb + self.guidance_embed(w)
     h, skips = self.encoder(x, emb, dropout_key)
     n = 100  # dropout keys of the decoder, apart from the encoder's
     for level, up in zip(self.up_levels, self.ups):

@@ -47,6 +47,7 @@ Conventions (kept identical to diffusers and guided-diffusion so trajectories ag
   ε̂ = ε(x,t,∅) + γ·(ε(x,t,y) − ε(x,t,∅)). γ = 0 is unconditional, γ = 1 conditional; Ho &
   Salimans' w equals γ − 1. Only the passes the rule needs run: a concrete γ = 1 runs the
   conditional pass alone, γ = 0 the unconditional one, anything else both in one batched call.
+  A guidance-distilled student (`guidance.Distilled(γ)`) runs one pass at any γ.
 * Classifier guidance with g = s·∇_{x_t} log p_φ(y | x_t), taken at x_t: DDIM and DPM-Solver++
   shift the score, ε̂ ← ε̂ − sqrt(1 − ᾱ_t)·g (`score_shift`: Dhariwal & Nichol Algorithm 2,
   guided-diffusion's `condition_score`); DDPM shifts the mean, μ ← μ + β̃_t·g (Algorithm 1,
@@ -106,7 +107,8 @@ def sample(
   Args:
     key: PRNG key; draws x_T (unless `x_init` is given) and the sampler's noise.
     eps_fn: `eps_fn(x_t, t, y) -> ε`, t int32 (B,) timesteps of the full schedule, y int32
-      (B,) labels where `y == null_label` means "no label".
+      (B,) labels where `y == null_label` means "no label"; with `guidance.Distilled`, a
+      guidance-distilled student `eps_fn(x_t, t, y, w)`, w float32 (B,).
     schedule: the noise schedule the model was trained with.
     labels: int (B,) class labels, each in 0..num_classes − 1 or null_label (without
       num_classes: 0..null_label).
@@ -122,10 +124,11 @@ def sample(
     guidance_scale: γ of plain classifier-free guidance, a scalar or a 1-D array of G scales;
       None means 1 (or `guidance`). Needs `null_label` unless it is 1.
     guidance: a rule of `cfg_jax.guidance` (CFG, APG, CFGPlusPlus, Autoguidance,
-      CFGZeroStar, IndependentCondition), instead of `guidance_scale`; its scale may be a
-      1-D array of G scales too. ICG draws its labels from `num_classes`, and a model
-      without a null label is guided by ICG, by CFG with a separate `uncond_eps_fn`, by
-      autoguidance or by a classifier.
+      CFGZeroStar, IndependentCondition, Distilled), instead of `guidance_scale`; its scale
+      may be a 1-D array of G scales too. ICG draws its labels from `num_classes`, and a
+      model without a null label is guided by ICG, by CFG with a separate `uncond_eps_fn`,
+      by autoguidance or by a classifier. Distilled runs one pass of a guidance-distilled
+      student per step.
     null_label: the label id that means "unconditional" (num_classes for our models).
     num_classes: the number of classes the model knows, to refuse other labels (an embedding
       table looked up out of range gives NaN) and for ICG to draw from; None checks only
@@ -181,7 +184,7 @@ def sample(
     classifier_fn = None  # s = 0 computes no gradient: a program without the classifier
   if image_shape is None:
     image_shape = x_init.shape[1:]
-  checks.check_guided_channels(guided_channels, tuple(image_shape))
+  checks.check_guided_channels(guided_channels, tuple(image_shape), guidance)
   samples = loop.sample_loop_jit(
       key,
       _as_partial(eps_fn),

@@ -118,12 +118,15 @@ def check_call(labels, image_shape, x_init, method, rule, null_label, num_classe
     raise errors.InputError("classifier_scale is non-zero but no classifier_fn was given.")
 
 
-def check_guided_channels(guided_channels, image_shape) -> None:
+def check_guided_channels(guided_channels, image_shape, rule) -> None:
   channels = image_shape[-1]
   if guided_channels is not None and (
       not isinstance(guided_channels, (int, np.integer)) or not 0 < guided_channels <= channels):
     raise errors.InputError(f"guided_channels must be an int in 1..{channels} (the channels of "
                             f"a sample) or None (all), got {guided_channels!r}.")
+  if guided_channels is not None and isinstance(rule, guidance.Distilled):
+    raise errors.InputError("guided_channels does not apply to guidance.Distilled: a distilled "
+                            "student guides every channel in its one pass.")
 
 
 def check_labels(labels, null_label, num_classes):
@@ -178,6 +181,8 @@ def _check_rule(rule, method, null_label, num_classes):
     return
   if isinstance(rule, guidance.CFG) and rule.uncond_eps_fn is not None:
     return  # ε_u comes from the separate network
+  if isinstance(rule, guidance.Distilled):
+    return  # the student takes w: no unconditional pass
   if null_label is None:
     scale = concrete(rule.scale)
     plain = isinstance(rule, guidance.CFG) and rule.weight_schedule == "constant"

@@ -20,16 +20,21 @@ ClassifierFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (x_t, t) -> 
 def guided_eps(rule, passes, eps_fn, ctx: guidance.StepContext, labels, null_label, state,
                learned_variance=False, guided_channels=None, rule_key=None):
   """(ε̂, ε̂_renoise, state, v) of the rule, from one batched call of the model at the labels
-  and at the guiding labels ("both": ∅, or ICG's ŷ drawn from `rule_key`) or from two models
+  and at the guiding labels ("both": ∅, or ICG's ŷ drawn from `rule_key`), from two models
   ("two_models": autoguidance's main and weak, or CFG's model and its separate unconditional
-  network); v, the learned-variance values, come from the conditional (main) pass.
+  network) or from one call of a guidance-distilled student at the rule's w ("distilled");
+  v, the learned-variance values, come from the conditional (main) pass.
 
   `guided_channels=k` guides only the first k channels of ε; the rest keep the conditional
   ε (DiT's original `forward_with_cfg` guides 3 of its 4 latent channels). None guides all.
   """
   x_t, t = ctx.x_t, ctx.t
-  if passes not in ("both", "two_models"):
-    raise ValueError(f"guided_eps runs 'both' or 'two_models' passes, not {passes!r}.")
+  if passes not in ("both", "two_models", "distilled"):
+    raise ValueError(f"guided_eps runs 'both', 'two_models' or 'distilled' passes, not "
+                     f"{passes!r}.")
+  if passes == "distilled":  # the student computes ε̂ itself: nothing to combine
+    eps, values = model_output(distilled_eps_fn(rule, eps_fn), x_t, t, labels, learned_variance)
+    return eps, eps, state, values
   if passes == "two_models":  # both on the labels: an unconditional network ignores them
     eps_cond, values = model_output(eps_fn, x_t, t, labels, learned_variance)
     other, _ = model_output(second_eps_fn(rule), x_t, t, labels)  # ε alone, whatever the model
@@ -48,6 +53,12 @@ def second_eps_fn(rule):
   """The ε-function of a "two_models" rule's other model: autoguidance's weak one, or CFG's
   separate unconditional network."""
   return rule.weak_eps_fn if isinstance(rule, guidance.Autoguidance) else rule.uncond_eps_fn
+
+
+def distilled_eps_fn(rule: guidance.Distilled, eps_fn):
+  """The student `eps_fn(x_t, t, y, w)` as an ε-function of (x_t, t, y), at the rule's w for
+  every example (a scalar: one scale of a sweep is vmapped at a time)."""
+  return lambda x_t, t, y: eps_fn(x_t, t, y, jnp.full(y.shape, rule.scale, jnp.float32))
 
 
 def guiding_labels(rule, labels, null_label, rule_key):
@@ -87,15 +98,17 @@ def both_passes(eps_fn, x_t, t, y, y_guide, learned_variance=False):
 
 def uses_null_label(rule) -> bool:
   """Whether sampling with `rule` reads ε(x, t, ∅): all but autoguidance, ICG, CFG with a
-  separate unconditional network and a concrete plain γ = 1 (the conditional pass alone)."""
+  separate unconditional network, a distilled student and a concrete plain γ = 1 (the
+  conditional pass alone)."""
   if isinstance(rule, guidance.IndependentCondition):
     return False
-  return passes_needed(rule, null_label=0) not in ("cond", "two_models")
+  return passes_needed(rule, null_label=0) not in ("cond", "two_models", "distilled")
 
 
 def passes_needed(rule, null_label) -> str:
   """Which ε passes a step runs: "cond", "uncond", "both" (one 2B call, at the labels and at
-  ∅ or ICG's ŷ) or "two_models" (autoguidance; CFG with a separate unconditional network).
+  ∅ or ICG's ŷ), "two_models" (autoguidance; CFG with a separate unconditional network) or
+  "distilled" (one call of a guidance-distilled student, at the labels and w).
 
   `sample` runs "cond" and "uncond" as one program ("one" pass, on the labels or on ∅).
 
@@ -104,6 +117,8 @@ def passes_needed(rule, null_label) -> str:
   """
   if isinstance(rule, guidance.Autoguidance):
     return "two_models"
+  if isinstance(rule, guidance.Distilled):
+    return "distilled"
   if not isinstance(rule, guidance.CFG):
     return "both"
   separate = rule.uncond_eps_fn is not None

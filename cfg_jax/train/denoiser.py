@@ -51,7 +51,8 @@ def make_loss_fn(graphdef, schedule: schedules.Schedule, config) -> loop.LossFn:
 
     loss, _ = diffusion.cfg_loss(params, eps_apply, schedule, x0, batch["label"],
                                  loss_key, p_uncond=config.diffusion.p_uncond,
-                                 null_label=null_label)
+                                 null_label=null_label,
+                                 min_snr_gamma=config.diffusion.get("min_snr_gamma"))
     return loss, {}
 
   return loss_fn
