@@ -124,12 +124,8 @@ def main():
   started = time.perf_counter()
   run_jax(0)
   print(f"cfg-jax compile + first run: {time.perf_counter() - started:.1f} s")
-  best = {"cfg-jax": float("inf"), "guided-diffusion": float("inf")}
-  for round_ in range(args.rounds):  # interleaved: both see the same machine load
-    for name, run in (("guided-diffusion", run_torch), ("cfg-jax", lambda: run_jax(round_))):
-      started = time.perf_counter()
-      run()
-      best[name] = min(best[name], time.perf_counter() - started)
+  best = machine.interleaved_best(
+      {"guided-diffusion": lambda _: run_torch(), "cfg-jax": run_jax}, args.rounds)
   rate = {name: args.batch / seconds for name, seconds in best.items()}
   for name, value in rate.items():
     print(f"{name:17s} {value:8.3f} images/s ({best[name] / args.steps * 1e3:.0f} ms per step)")

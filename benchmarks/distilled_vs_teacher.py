@@ -9,7 +9,6 @@ images/s of each (best of --rounds, compile excluded) and the ratio.
 """
 
 import argparse
-import time
 
 import numpy as np
 
@@ -47,12 +46,8 @@ def main():
 
   for model in models.values():
     run(model)  # compile
-  best = dict.fromkeys(models, float("inf"))
-  for _ in range(args.rounds):  # interleaved: both see the same machine load
-    for name, model in models.items():
-      started = time.perf_counter()
-      run(model)
-      best[name] = min(best[name], time.perf_counter() - started)
+  best = machine.interleaved_best(
+      {name: (lambda _, model=model: run(model)) for name, model in models.items()}, args.rounds)
   rates = {name: args.num_samples / seconds for name, seconds in best.items()}
   for name, rate in rates.items():
     print(f"{name:28s} {rate:8.1f} images/s")

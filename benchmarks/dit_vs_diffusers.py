@@ -59,10 +59,10 @@ def main():
   parser.add_argument("--steps", type=int, default=10, help="DDIM steps per run")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--vae", action="store_true", help="decode with the SD VAE too")
-  parser.add_argument("--quick", action="store_true", help="DiT-S/8, 2 steps, one round")
+  parser.add_argument("--quick", action="store_true", help="DiT-S/8, 5 steps, one round")
   args = parser.parse_args()
   if args.quick:
-    args.model, args.steps, args.rounds, args.batch = "DiT-S/8", 2, 1, 2
+    args.model, args.steps, args.rounds, args.batch = "DiT-S/8", 5, 1, 2
   xla_flags.configure()
   startup.tune_allocator()
 
@@ -132,12 +132,8 @@ def main():
   started = time.perf_counter()
   run_jax(0)
   print(f"cfg-jax compile + first run: {time.perf_counter() - started:.1f} s")
-  best = {"cfg-jax": float("inf"), "diffusers": float("inf")}
-  for round_ in range(args.rounds):  # interleaved: both see the same machine load
-    for name, run in (("diffusers", run_torch), ("cfg-jax", lambda: run_jax(round_))):
-      started = time.perf_counter()
-      run()
-      best[name] = min(best[name], time.perf_counter() - started)
+  best = machine.interleaved_best({"diffusers": lambda _: run_torch(), "cfg-jax": run_jax},
+                                  args.rounds)
   rate = {name: args.batch / seconds for name, seconds in best.items()}
   for name, value in rate.items():
     print(f"{name:10s} {value:8.3f} images/s ({best[name] / args.steps * 1e3:.0f} ms per step)")

@@ -2,13 +2,15 @@
 
 Every benchmark prints `describe()` first, so a pasted result names its CPU, its JAX devices
 and versions, and `load()` last, since a shared machine's load average decides how far its
-numbers can be trusted.
+numbers can be trusted. `interleaved_best` times two or more ways of doing the same work in
+alternation, so that each sees the same load.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import time
 
 
 def cpu_model() -> str:
@@ -44,3 +46,15 @@ def load() -> str:
   note = " (other jobs shared the cores: rerun before trusting small differences)" \
       if average > cores else ""
   return f"load average at the end: {average:.2f} on {cores} cores{note}"
+
+
+def interleaved_best(runs: dict, rounds: int) -> dict:
+  """{name: best seconds of `rounds` calls of runs[name](round)}, the runs interleaved in
+  each round so every one sees the same machine load."""
+  best = dict.fromkeys(runs, float("inf"))
+  for round_ in range(rounds):
+    for name, run in runs.items():
+      started = time.perf_counter()
+      run(round_)
+      best[name] = min(best[name], time.perf_counter() - started)
+  return best

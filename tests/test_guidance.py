@@ -101,6 +101,19 @@ CASES = {
 }
 
 
+def _reference_sample(method, key, ts, step, *, clip=False, p=None, grad=None):
+  """The NumPy reference of `method` from X_T over `ts`; DDPM with the step noise the sampler
+  draws from `key` (`fold_in(loop_key, t)`)."""
+  if method == "ddim":
+    return ref.ddim(X_T, ts, ABAR, step, clip=clip, p=p, grad=grad)
+  if method == "dpmpp_2m":
+    return ref.dpmpp_2m(X_T, ts, ABAR, step, clip=clip, p=p, grad=grad)
+  assert grad is None, "the DDPM reference takes no classifier gradient"
+  _, loop_key = jax.random.split(key)
+  noises = [np.asarray(jax.random.normal(jax.random.fold_in(loop_key, t), (B, D))) for t in ts]
+  return ref.ddpm(X_T, ts, ABAR, step, noises, clip=clip, p=p)
+
+
 @pytest.mark.parametrize("name,method,clip,p,classifier", [
     ("interval", "ddim", False, None, False),
     ("linear", "ddim", False, None, False),
@@ -128,15 +141,7 @@ def test_rule_matches_numpy_reference_step_by_step(name, method, clip, p, classi
   ts = ref.diffusers_timesteps(1000, num_steps, "leading", multistep=method == "dpmpp_2m")
   step = _np_rule(name)
   grad = (lambda x, t: s * grad_np(x, t)) if classifier else None
-  if method == "ddim":
-    want = ref.ddim(X_T, ts, ABAR, step, clip=clip, p=p, grad=grad)
-  elif method == "dpmpp_2m":
-    want = ref.dpmpp_2m(X_T, ts, ABAR, step, clip=clip, p=p, grad=grad)
-  else:
-    _, loop_key = jax.random.split(key)
-    noises = [np.asarray(jax.random.normal(jax.random.fold_in(loop_key, t), (B, D)))
-              for t in ts]
-    want = ref.ddpm(X_T, ts, ABAR, step, noises, clip=clip, p=p)
+  want = _reference_sample(method, key, ts, step, clip=clip, p=p, grad=grad)
   np.testing.assert_allclose(np.asarray(out), want, rtol=2e-4, atol=2e-4)
 
 
@@ -337,15 +342,7 @@ def test_cfg_zero_star_holds_x_for_its_first_steps_then_samples_as_if_started_th
     return e, e, state
 
   grad = (lambda x, t: s * grad_np(x, t)) if classifier else None
-  if method == "ddim":
-    want = ref.ddim(X_T, ts, ABAR, step, clip=clip, grad=grad)
-  elif method == "dpmpp_2m":
-    want = ref.dpmpp_2m(X_T, ts, ABAR, step)
-  else:
-    _, loop_key = jax.random.split(key)
-    noises = [np.asarray(jax.random.normal(jax.random.fold_in(loop_key, t), (B, D)))
-              for t in ts]
-    want = ref.ddpm(X_T, ts, ABAR, step, noises)
+  want = _reference_sample(method, key, ts, step, clip=clip, grad=grad)
   np.testing.assert_allclose(np.asarray(out), want, rtol=2e-4, atol=2e-4)
 
 
@@ -419,15 +416,7 @@ def test_icg_matches_numpy_reference_with_the_same_labels(method):
     return e, e, state
 
   ts = ref.diffusers_timesteps(1000, num_steps, "leading", multistep=method == "dpmpp_2m")
-  if method == "ddim":
-    want = ref.ddim(X_T, ts, ABAR, step)
-  elif method == "dpmpp_2m":
-    want = ref.dpmpp_2m(X_T, ts, ABAR, step)
-  else:
-    _, loop_key = jax.random.split(key)
-    noises = [np.asarray(jax.random.normal(jax.random.fold_in(loop_key, t), (B, D)))
-              for t in ts]
-    want = ref.ddpm(X_T, ts, ABAR, step, noises)
+  want = _reference_sample(method, key, ts, step)
   np.testing.assert_allclose(np.asarray(out), want, rtol=2e-4, atol=2e-4)
 
 

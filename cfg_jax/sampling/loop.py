@@ -41,9 +41,11 @@ def sample_loop(key, eps_fn, classifier_fn, schedule, labels, one_pass_labels, x
         eps, values = model_output(eps_fn, x_t, t, one_pass_labels, learned_variance)
         eps_renoise = eps
       else:
+        labels_key = (rule_key(key, times[0], schedule.num_timesteps)
+                      if isinstance(rule, guidance.IndependentCondition) else None)
         eps, eps_renoise, state, values = guided_eps(
             rule, passes, eps_fn, ctx, labels, null_label, state, learned_variance,
-            guided_channels, rule_key(key, times[0], schedule.num_timesteps))
+            guided_channels, labels_key)
       grad = None
       if classifier_fn is not None:
         grad = classifier_gradient(classifier_fn, x_t, t, labels, classifier_scale)

@@ -67,13 +67,19 @@ def make_train_step(graphdef, tx, schedule, config):
 def train(config, workdir: str, train_split: data.Split, mesh=None):
   """Trains (or resumes) the diffusion model; returns (graphdef, final TrainState)."""
   graphdef, params = create_denoiser(config, loop.key_streams(config.seed).init)
-  state = loop.fit(
-      description="diffusion",
-      loss_fn=make_loss_fn(graphdef, schedules.from_config(config.diffusion), config),
-      params=params, tx=loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps),
+  loss_fn = make_loss_fn(graphdef, schedules.from_config(config.diffusion), config)
+  return graphdef, fit(config, workdir, train_split, description="diffusion", loss_fn=loss_fn,
+                       params=params, state_sections=state_sections(config), mesh=mesh)
+
+
+def fit(config, workdir: str, train_split, *, description: str, loss_fn, params,
+        state_sections: tuple, mesh=None):
+  """`loop.fit` of a network in `workdir/checkpoints` with the config's optimizer, batch,
+  steps, EMA and kept steps (the diffusion model, or a distilled student)."""
+  return loop.fit(
+      description=description, loss_fn=loss_fn, params=params,
+      tx=loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps),
       ema_decay=config.train.ema_decay, split=train_split, seed=config.seed,
       batch_size=config.train.batch_size, num_steps=config.train.num_steps, workdir=workdir,
       checkpoint_dir=paths.diffusion_checkpoints(workdir), config=config,
-      state_sections=state_sections(config), keep_steps=config.train.get("keep_steps", ()),
-      mesh=mesh)
-  return graphdef, state
+      state_sections=state_sections, keep_steps=config.train.get("keep_steps", ()), mesh=mesh)

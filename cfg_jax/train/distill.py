@@ -159,14 +159,8 @@ def train(config, workdir: str, train_split: data.Split, mesh=None):
   teacher_eps_fn = Partial(models.apply_in_dtype, teacher_graphdef,
                            distributed.replicate_tree(teacher_params, mesh),
                            dtype=config.train.get("dtype", "float32"))
-  state = loop.fit(
-      description="distillation",
-      loss_fn=make_loss_fn(graphdef, teacher_eps_fn, schedules.from_config(config.diffusion),
-                           config),
-      params=params, tx=loop.make_optimizer(**config.optimizer, num_steps=config.train.num_steps),
-      ema_decay=config.train.ema_decay, split=train_split, seed=config.seed,
-      batch_size=config.train.batch_size, num_steps=config.train.num_steps, workdir=workdir,
-      checkpoint_dir=paths.diffusion_checkpoints(workdir), config=config,
-      state_sections=state_sections(config), keep_steps=config.train.get("keep_steps", ()),
-      mesh=mesh)
-  return graphdef, state
+  loss_fn = make_loss_fn(graphdef, teacher_eps_fn, schedules.from_config(config.diffusion),
+                         config)
+  return graphdef, denoiser.fit(config, workdir, train_split, description="distillation",
+                                loss_fn=loss_fn, params=params,
+                                state_sections=state_sections(config), mesh=mesh)
