@@ -100,3 +100,7 @@ def test_train_py_trains_a_latent_dit_on_a_frozen_vae(tmp_path):
                 "--config.data.name=digits", f"--config.latent.vae_workdir={source}",
                 "--config.classifier.num_steps=5")
   assert_one_line_error(bad, "classifier.num_steps")
+  missing = run_cli("train.py", "--config", latent_config, "--workdir", tmp_path / "w", *TINY,
+                    "--config.data.name=digits", f"--config.latent.vae_workdir={tmp_path}")
+  assert_one_line_error(missing, "holds no VAE")
+  assert not (tmp_path / "w").exists()

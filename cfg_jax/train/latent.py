@@ -14,15 +14,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cfg_jax import checkpoints, data, models, paths
+from cfg_jax import checkpoints, data, errors, models, paths
 from cfg_jax.models.dit import vae
 
 
 def vae_section(vae_workdir: str) -> dict:
   """The `latent` config section of the VAE saved in `vae_workdir` (the sampling pipeline's
   `LatentSpace` reads the same section), with `vae_workdir` recorded beside it."""
-  saved = checkpoints.read_config(paths.vae_checkpoints(vae_workdir))
-  return {**saved["latent"], "vae_workdir": vae_workdir}
+  directory = paths.vae_checkpoints(vae_workdir)
+  if checkpoints.latest_step(directory) is None:
+    raise errors.MissingFileError(f"{vae_workdir} holds no VAE ({directory}); set "
+                                  "--config.latent.vae_workdir to a workdir written by "
+                                  "convert.py dit.")
+  return {**checkpoints.read_config(directory)["latent"], "vae_workdir": vae_workdir}
 
 
 def restore_vae(vae_workdir: str, section):
