@@ -1,7 +1,7 @@
 """A training recipe judged on every metric at once, over several seeds, against a baseline.
 
-  python benchmarks/recipe_table.py              # configs/digits.py: ~15 min on 2 CPU cores
-  python benchmarks/recipe_table.py --candidate diffusion.p_uncond=0.2 \
+  python benchmarks/recipe_table.py              # configs/digits.py: ~10 min a seed, 2 CPU cores
+  python benchmarks/recipe_table.py --candidate diffusion.min_snr_gamma=inf \
       --candidate train.ema_decay=0.999 --json recipe.json          # defaults vs a change
   python benchmarks/recipe_table.py --recipe configs/digits.py --override train.num_steps=2000
   python benchmarks/recipe_table.py --quick                         # checks that it runs
@@ -154,6 +154,10 @@ def resolve_config(config_file: str, overrides) -> object:
   except flags.Error as e:  # a value of the wrong type
     raise errors.ConfigError(f"bad override for {config_file}: {e}") from None
   config_checks.validate(config)
+  if config.diffusion.p_uncond == 0:  # the CFG γ = 0 row and the classifier rows need ∅
+    raise errors.ConfigError(f"the recipe {config_file} trains no null label "
+                             "(diffusion.p_uncond=0), and the table's γ = 0 and classifier "
+                             "rows need one; score such a model with sweep.py --guidance icg.")
   return config
 
 

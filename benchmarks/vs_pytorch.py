@@ -209,6 +209,7 @@ def main(argv):
   train_steps = 10 if quick else _TRAIN_STEPS.value
   sample_steps = 10 if quick else _SAMPLE_STEPS.value
   config = _CONFIG.value
+  config.diffusion.min_snr_gamma = None  # the twin's loss is the plain ε-MSE
   print(machine.describe())
   print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 

@@ -9,6 +9,7 @@ fixed by the step count, so a run cannot be resumed with another one).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
@@ -35,7 +36,14 @@ def get_config():
   config.diffusion = dict(
       schedule="cosine",
       num_timesteps=1000,
-      p_uncond=0.1,  # conditioning dropout of Ho & Salimans
+      # Conditioning dropout of Ho & Salimans. 0.2 rather than 0.1: the unconditional model
+      # (γ = 0, and classifier guidance on it) is the half that short runs train least.
+      p_uncond=0.2,
+      # min-SNR-γ loss weighting (Hang et al. 2023): the low-noise steps count less. inf
+      # (or None): the plain ε-MSE.
+      # A float-typed reference, so a config that sets it to None (configs/dit_digits.py)
+      # still takes a number from the command line.
+      min_snr_gamma=config_dict.FieldReference(5.0, field_type=float),
   )
 
   config.optimizer = dict(
@@ -51,7 +59,7 @@ def get_config():
   )
 
   config.train = dict(
-      num_steps=800,
+      num_steps=1600,
       batch_size=64,
       ema_decay=0.995,  # sampling and evaluation use the EMA parameters
       # Compute dtype of both trainings: "bfloat16" on GPU/TPU (float32 master weights,
@@ -77,16 +85,18 @@ def get_config():
           num_groups=8,
           dropout=0.0,
       ),
+      # A constant 1e-3: its softer logits guide harder at a given s than a cosine-decayed
+      # 2e-3's, whose test accuracy is higher (docs/results.md).
       optimizer=dict(
-          learning_rate=2e-3,
+          learning_rate=1e-3,
           warmup_steps=100,
           weight_decay=0.05,
           grad_clip_norm=1.0,
           b1=0.9,
           b2=0.999,
-          decay="cosine",
+          decay="constant",
       ),
-      num_steps=200,
+      num_steps=600,
       batch_size=128,
   )
 

@@ -11,15 +11,29 @@ import tempfile
 
 # The entry points the tests start keep no compiled programs in the user's cache; instead
 # this process and every CLI it starts share one cache for the session, since the suite
-# compiles the same small train steps and samplers many times over.
+# compiles the same small train steps and samplers many times over. One per pytest-xdist
+# worker: JAX writes cache entries without a lock, and a warning about a half-written one
+# would break a test that reads a tool's stderr.
 os.environ["CFG_JAX_COMPILATION_CACHE"] = "0"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="cfg_jax_jit_"))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+    prefix=f"cfg_jax_jit_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_")
 
 import pytest
 
 # Data sets are prepared into a fresh folder per test session (subprocesses inherit it),
 # so tests never read or write the user's ~/tensorflow_datasets.
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="cfg_jax_tfds_")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: one worker per core, at most 4 (PYTEST_XDIST_AUTO_NUM_WORKERS overrides). A
+  worker is a JAX process whose compiles run mostly on one core, and each builds its own
+  session fixtures (the tiny trained workdir)."""
+  if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+    return None  # xdist's own hook reads it
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min(cores or 1, 4))
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ CASES = {
     "train num_steps=-1": (TRAIN + ("--config.train.num_steps=-1",),
                            "train.num_steps must be >= 0"),
     "train p_uncond=1.5": (TRAIN + ("--config.diffusion.p_uncond=1.5",), "p_uncond"),
-    "train p_uncond=0": (TRAIN + ("--config.diffusion.p_uncond=0.0",), "p_uncond"),
+    "train p_uncond=-0.1": (TRAIN + ("--config.diffusion.p_uncond=-0.1",), "p_uncond"),
     "train batch_size=0": (TRAIN + ("--config.train.batch_size=0",), "train.batch_size"),
     "train log_every=0": (TRAIN + ("--config.train.log_every=0",), "train.log_every"),
     "train checkpoint_every=0": (TRAIN + ("--config.train.checkpoint_every=0",),

@@ -30,6 +30,20 @@ def test_keep_steps_of_step_numbers_pass(tiny_config):
   config_checks.validate(tiny_config)
 
 
+@pytest.mark.parametrize("gamma,weighting", [(5.0, 5.0), (float("inf"), None), (None, None),
+                                             (0.0, "error"), (-1.0, "error")])
+def test_min_snr_gamma_inf_or_none_is_the_plain_loss(tiny_config, gamma, weighting):
+  from cfg_jax.train import denoiser
+
+  tiny_config.diffusion.min_snr_gamma = gamma
+  if weighting == "error":
+    with pytest.raises(errors.ConfigError, match="diffusion.min_snr_gamma"):
+      config_checks.validate(tiny_config)
+    return
+  config_checks.validate(tiny_config)
+  assert denoiser.min_snr_gamma(tiny_config) == weighting
+
+
 def test_grid_sampler_options_are_checked_by_the_sampler_up_front(tiny_config):
   tiny_config.sampling.method, tiny_config.sampling.eta = "ddpm", 0.5
   with pytest.raises(errors.ConfigError, match="config.sampling cannot draw the sample grids "

@@ -55,7 +55,9 @@ def test_dit_config_takes_the_null_row_from_p_uncond():
   net = models.dit_config(config)
   assert net.class_dropout_prob == config.diffusion.p_uncond and net.num_classes == 10
   assert models.describe(config).null_label == 10
-  config.diffusion.p_uncond = 0.0  # rejected by the config checks; here: no null row
+  config.diffusion.p_uncond = 0.0  # no conditioning dropout: no null row
+  assert models.describe(config).null_label is None
+  config.model.family = "unet"  # its null row exists, untrained: not a null label either
   assert models.describe(config).null_label is None
   with pytest.raises(errors.ConfigError, match="family"):
     models.family({"family": "vit"})

@@ -126,3 +126,23 @@ def test_evaluate_and_sweep(workdir, tmp_path):
   scores = json.load(open(tmp_path / "real.eval.json"))
   assert scores["accuracy"] == pytest.approx(net.test_accuracy, abs=0.1)
   assert_one_line_error(run("evaluate.py", "--samples", tmp_path / "missing.npz"), "No sample file")
+
+
+def test_a_model_trained_without_dropout_is_guided_by_icg(tmp_path):
+  """p_uncond = 0 trains no null label: the grids guide by ICG, and plain CFG is the one-line
+  error that names ICG."""
+  work = tmp_path / "nodrop"
+  result = run("train.py", *TINY, "--workdir", work, "--config.diffusion.p_uncond=0.0",
+               "--config.train.num_steps=2")
+  assert result.returncode == 0, result.stderr
+  assert "independent condition guidance" in result.stderr
+  assert (work / "samples_cfg_3.png").exists() and (work / "samples_classifier_1.png").exists()
+  sample = ("sample.py", "--workdir", work, "--num_steps", "2", "--num_samples", "4")
+  result = run(*sample, "--guidance_scale", "3", "--out", tmp_path / "cfg.npz")
+  assert_one_line_error(result, "IndependentCondition")
+  assert not (tmp_path / "cfg.npz").exists()
+  result = run(*sample, "--guidance", "icg", "--guidance_scale", "3", "--out",
+               tmp_path / "icg.npz")
+  assert result.returncode == 0, result.stderr
+  with np.load(tmp_path / "icg.npz") as f:
+    assert f["arr_0"].shape == (4, 8, 8, 1)

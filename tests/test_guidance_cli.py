@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cfg_jax import checkpoints, distributed, guidance, paths
-from cfg_jax.app import command_flags
+from cfg_jax.app import command_flags, sample_job
 from tests.helpers import assert_one_line_error, run_cli as run
 
 
@@ -98,6 +98,12 @@ def test_icg_and_a_separate_network_guide_a_pipeline_without_a_null_label():
   with pytest.raises(ValueError, match="needs null_label") as info:
     model.sample(jax.random.key(0), [0, 1], guidance=command_flags.make_rule("cfgzero"))
   assert "\n" not in str(info.value)
+  # The main job's grids and sweep.py's classifier rows: ICG in place of CFG, but γ = 1.
+  assert sample_job.free_guidance(model, 3.0) == {
+      "guidance": guidance.IndependentCondition(3.0, num_classes=3)}
+  assert sample_job.free_guidance(model, 1.0) == {"guidance_scale": 1.0}
+  with_null = dataclasses.replace(model, null_label=3, num_classes=3)
+  assert sample_job.free_guidance(with_null, 0.0) == {"guidance_scale": 0.0}
 
 
 # -- kept checkpoints (fast: a stand-in train step, real Orbax) -----------------------------

@@ -130,6 +130,9 @@ def _distill(config):
           "--config.distill.teacher_workdir=runs/digits")
   if section.get("teacher_step") is not None:
     _int(section, "teacher_step", "distill", low=0)
+  if config.diffusion.p_uncond == 0:
+    _fail("diffusion.p_uncond", "is 0, so the student would never learn the unconditional ε "
+          "(γ = 0)", "keep the teacher's conditioning dropout, e.g. 0.2")
   scales = section.guidance_scale_range
   ok = (isinstance(scales, (tuple, list)) and len(scales) == 2
         and all(isinstance(v, numbers.Real) and math.isfinite(v) for v in scales)
@@ -193,9 +196,10 @@ def _diffusion(d):
     _fail("diffusion.schedule", f"{d.schedule!r} is unknown",
           f"choose one of {schedules.NAMES}")
   _int(d, "num_timesteps", "diffusion", low=1)
-  # 0 never trains the null label (guidance would mix in garbage); 1 never the classes.
-  _number(d, "p_uncond", "diffusion", low=0, high=1, low_open=True, high_open=True)
-  if d.get("min_snr_gamma") is not None:
+  # 0 trains no null label: the model then has no ε(x, t, ∅), and CFG guides it by ICG or a
+  # separate unconditional network. 1 would never train the classes.
+  _number(d, "p_uncond", "diffusion", low=0, high=1, high_open=True)
+  if d.get("min_snr_gamma") not in (None, math.inf):  # inf: the plain ε-MSE
     _number(d, "min_snr_gamma", "diffusion", low=0, low_open=True)
 
 

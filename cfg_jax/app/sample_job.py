@@ -12,6 +12,7 @@ import numpy as np
 from cfg_jax import checkpoints, distributed, errors, paths, pipeline, sharded_sampling
 from cfg_jax.app import command_flags, files
 from cfg_jax.data import class_names
+from cfg_jax.guidance import IndependentCondition
 from cfg_jax.sampling.checks import check_labels
 
 
@@ -61,6 +62,14 @@ def guidance_rule(model: pipeline.Pipeline, workdir: str, guidance: str = "cfg",
   return command_flags.make_rule(guidance, guidance_scale, method=method,
                                  weak_eps_fn=weak_eps_fn, uncond_eps_fn=uncond_eps_fn,
                                  **options)
+
+
+def free_guidance(model: pipeline.Pipeline, scale: float) -> dict:
+  """The sampling options of classifier-free guidance at γ = `scale`: CFG, or ICG for a model
+  without a null label (whose γ = 1 is the conditional pass alone, as under CFG)."""
+  if model.null_label is None and scale != 1:
+    return {"guidance": IndependentCondition(scale, model.num_classes)}
+  return {"guidance_scale": scale}
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:

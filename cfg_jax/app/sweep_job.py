@@ -75,8 +75,8 @@ def run_sweep(*, workdir: str, guidance_scales: Sequence[float] = (),
         jax.random.key(seed), model, labels, guidance=guided, progress=True, **options)))
   for s in classifier_scales:
     runs.append(("classifier", (s,), lambda s=s: sharded_sampling.sample_batches(
-        jax.random.key(seed), model, labels, guidance_scale=classifier_base_guidance,
-        classifier_scale=float(s), **options)[None]))
+        jax.random.key(seed), model, labels, classifier_scale=float(s),
+        **sample_job.free_guidance(model, classifier_base_guidance), **options)[None]))
   rows = []
   # Every process samples its share and scores the gathered set; process 0 writes.
   for name, scales, draw in tqdm(runs, desc="sweep", unit="rule",

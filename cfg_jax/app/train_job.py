@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from functools import partial
 from typing import Optional
 
 import jax
@@ -16,7 +17,7 @@ from jax.tree_util import Partial
 
 from cfg_jax import (checkpoints, data, distributed, errors, images, models, paths, pipeline,
                      sharded_sampling)
-from cfg_jax.app import config_checks, console, files, locking
+from cfg_jax.app import config_checks, console, files, locking, sample_job
 from cfg_jax.train import classifier, denoiser, distill, latent
 
 
@@ -138,14 +139,18 @@ def _train_and_evaluate(config, workdir: str, started: float) -> None:
                 + ", ".join(f"{a:.3f}" for a in quarters))
   model = pipeline.Pipeline.from_config(config, Partial(models.apply, graphdef, state.ema_params),
                                         classifier_fn, latent_space)
+  if model.null_label is None:
+    console.say("No null label (diffusion.p_uncond=0): the grids guide by independent "
+                "condition guidance, ICG, whose γ = 0 is the model at random labels.")
+  free_guidance = partial(sample_job.free_guidance, model)
   grids = {}
   for scale in config.sampling.guidance_scales:
     path = paths.sample_grid(workdir, "cfg", scale)
-    grids[path] = sample_grid(path, model, config.seed, guidance_scale=scale)
+    grids[path] = sample_grid(path, model, config.seed, **free_guidance(scale))
   if classifier_fn is not None:
     for scale in config.sampling.classifier_scales:
       path = paths.sample_grid(workdir, "classifier", scale)
-      grids[path] = sample_grid(path, model, config.seed, guidance_scale=0.0,
+      grids[path] = sample_grid(path, model, config.seed, **free_guidance(0.0),
                                 classifier_scale=scale)
   console.say("Sample grids (one row per class): " + ", ".join(map(os.path.basename, grids)))
   console.say(f"Done in {time.perf_counter() - started:.0f} s{_judged(grids, config, workdir)}. "

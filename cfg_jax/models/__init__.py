@@ -65,7 +65,10 @@ def describe(config) -> ModelInfo:
     return ModelInfo(tuple(net.image_shape), presets.NUM_CLASSES, None,
                      net.out_channels == 2 * net.in_channels, class_names.imagenet())
   spec = data.spec(config.data.name)
-  return ModelInfo(tuple(spec.image_shape), spec.num_classes, spec.num_classes,
+  # Trained without conditioning dropout, the null row of the class embedding never learned ∅.
+  trained_null = config.diffusion.p_uncond > 0
+  return ModelInfo(tuple(spec.image_shape), spec.num_classes,
+                   spec.num_classes if trained_null else None,
                    guidance_distilled=bool(config.model.get("guidance_embedding", False)))
 
 

@@ -8,6 +8,9 @@ The loss itself is `cfg_jax.diffusion.cfg_loss`; this module binds it to the con
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import jax
 
 from cfg_jax import data, diffusion, models, paths, schedules
@@ -52,10 +55,17 @@ def make_loss_fn(graphdef, schedule: schedules.Schedule, config) -> loop.LossFn:
     loss, _ = diffusion.cfg_loss(params, eps_apply, schedule, x0, batch["label"],
                                  loss_key, p_uncond=config.diffusion.p_uncond,
                                  null_label=null_label,
-                                 min_snr_gamma=config.diffusion.get("min_snr_gamma"))
+                                 min_snr_gamma=min_snr_gamma(config))
     return loss, {}
 
   return loss_fn
+
+
+def min_snr_gamma(config) -> Optional[float]:
+  """The config's min-SNR γ, or None for the plain ε-MSE (γ absent, None, or inf: a flag
+  cannot spell None, and min(SNR, ∞)/SNR = 1)."""
+  gamma = config.diffusion.get("min_snr_gamma")
+  return None if gamma is None or gamma == math.inf else float(gamma)
 
 
 def make_train_step(graphdef, tx, schedule, config):
