@@ -1,8 +1,9 @@
 """Real multi-process runs on this machine: 2 processes × 2 CPU devices, over gloo.
 
 1. The library (`tests/multihost_worker.py`): trains the tiny config (checkpoint at step 2,
-   resume to 4) and samples, then compares with 1 process × 4 devices and 1 process × 1
-   device: losses and parameters to float tolerance, samples identical.
+   resume to 4) and samples, then compares with 1 process × 1 device: losses and parameters
+   to float tolerance, samples identical (1 process × many devices against 1 device is
+   tests/test_training.py's).
 2. The README's recipe, literally: `train.py` in 2 processes, then `sample.py` on that
    workdir in 2 processes and in 1; the two `.npz` files must be byte-identical.
 """
@@ -87,7 +88,7 @@ def test_multihost_2x2_matches_one_process(tmp_path):
 
   data.load_split("digits", "train")  # prepared once here; the workers only read it
   runs = {name: launch(tmp_path, name, p, d)
-          for name, p, d in (("2x2", 2, 2), ("1x4", 1, 4), ("1x1", 1, 1))}
+          for name, p, d in (("2x2", 2, 2), ("1x1", 1, 1))}
   wait_all([c for children, _ in runs.values() for c in children], TIMEOUT_S)
   results = {name: dict(np.load(out)) for name, (_, out) in runs.items()}
   assert (results["2x2"]["processes"], results["2x2"]["devices"]) == (2, 4)
@@ -96,15 +97,14 @@ def test_multihost_2x2_matches_one_process(tmp_path):
   assert not (tmp_path / "2x2" / "train.log").exists()  # process logs are the worker's
   ref = results["1x1"]
   np.testing.assert_array_equal(ref["steps"], [2, 4])  # metrics written once, not per process
-  for name in ("2x2", "1x4"):
-    got = results[name]
-    np.testing.assert_array_equal(got["steps"], ref["steps"])
-    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-5)
-    leaves = sorted(k for k in ref if k.startswith("leaf"))
-    assert leaves and leaves == sorted(k for k in got if k.startswith("leaf"))
-    for k in leaves:
-      np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=f"{name} {k}")
-    np.testing.assert_array_equal(got["samples"], ref["samples"], err_msg=name)
+  got = results["2x2"]
+  np.testing.assert_array_equal(got["steps"], ref["steps"])
+  np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-5)
+  leaves = sorted(k for k in ref if k.startswith("leaf"))
+  assert leaves and leaves == sorted(k for k in got if k.startswith("leaf"))
+  for k in leaves:
+    np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  np.testing.assert_array_equal(got["samples"], ref["samples"])
 
 
 def run_recipe(tmp_path, name, command, processes):
