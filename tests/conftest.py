@@ -1,22 +1,32 @@
 """Test set-up: eight host CPU devices, so data-parallel code is exercised without a GPU."""
 
+import importlib.util
 import os
+import tempfile
+
+from tests.helpers import TEST_XLA_FLAGS
 
 # Must be set before JAX initialises its backends.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+     TEST_XLA_FLAGS]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-import tempfile
 
 # The entry points the tests start keep no compiled programs in the user's cache; instead
 # this process and every CLI it starts share one cache for the session, since the suite
-# compiles the same small train steps and samplers many times over. One per pytest-xdist
-# worker: JAX writes cache entries without a lock, and a warning about a half-written one
-# would break a test that reads a tool's stderr.
+# compiles the same small train steps and samplers many times over. The pytest-xdist
+# workers of one run share it too. A size limit makes JAX lock the cache around each read
+# and write, so no process ever reads a half-written entry (a warning about one would break
+# a test that reads a tool's stderr).
 os.environ["CFG_JAX_COMPILATION_CACHE"] = "0"
-os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
-    prefix=f"cfg_jax_jit_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_")
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of a run
+if _RUN and importlib.util.find_spec("filelock"):  # the lock needs it (the test extra)
+  _JIT_CACHE = os.path.join(tempfile.gettempdir(), f"cfg_jax_jit_{_RUN}")
+  os.makedirs(_JIT_CACHE, exist_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)  # never reached: for the lock
+else:
+  _JIT_CACHE = tempfile.mkdtemp(prefix="cfg_jax_jit_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _JIT_CACHE
 
 import pytest
 

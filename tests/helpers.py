@@ -6,11 +6,17 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "configs", "digits_tiny.py")
+# XLA flags of every JAX process the suite runs. Its programs are small and compiled once,
+# so LLVM's optimisations cost more time than they save: at level 0 a tiny main job's
+# compiles take about half as long (benchmarks/PERF_FINDINGS.md). The tests that compare two
+# runs give both the same flags.
+TEST_XLA_FLAGS = os.environ.get("CFG_JAX_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 
 def run_cli(*args, timeout=600):
-  """Runs an entry point (train.py, sample.py, ...) in a subprocess, on one device."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  """Runs an entry point (train.py, sample.py, ...) in a subprocess, with the XLA flags it
+  sets itself (cfg_jax.app.xla_flags) besides the suite's."""
+  env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS}
   return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
                         cwd=REPO, env=env, timeout=timeout)
 

@@ -1,6 +1,7 @@
 """A table of bad inputs to the four command-line tools: each must end in one `error:` line
 on stderr with exit status 2, and change no file (workdir and inputs hashed before/after)."""
 
+import collections
 import hashlib
 import os
 
@@ -17,40 +18,14 @@ EVALUATE = ("evaluate.py", "--evalnet_dir", "{tmp}/evalnet", "--samples")
 SWEEP = ("sweep.py", "--workdir", "{work}", "--out_dir", "{tmp}/sweep", "--num_steps", "2")
 
 CASES = {
-    # train.py: the config, checked before any data or compile
+    # train.py: the config, checked before any data or compile (each check of a value is
+    # tests/test_cli.py's, in process)
     "train num_steps=-1": (TRAIN + ("--config.train.num_steps=-1",),
                            "train.num_steps must be >= 0"),
-    "train p_uncond=1.5": (TRAIN + ("--config.diffusion.p_uncond=1.5",), "p_uncond"),
-    "train p_uncond=-0.1": (TRAIN + ("--config.diffusion.p_uncond=-0.1",), "p_uncond"),
-    "train batch_size=0": (TRAIN + ("--config.train.batch_size=0",), "train.batch_size"),
-    "train log_every=0": (TRAIN + ("--config.train.log_every=0",), "train.log_every"),
-    "train checkpoint_every=0": (TRAIN + ("--config.train.checkpoint_every=0",),
-                                 "train.checkpoint_every"),
-    "train num_heads=3": (TRAIN + ("--config.model.num_heads=3",), "model.num_heads"),
-    "train num_groups=3": (TRAIN + ("--config.model.num_groups=3",), "model.num_groups"),
-    "train too many levels": (TRAIN + ("--config.model.channel_mult=(1,1,1,1,1)",),
-                              "divisible by 2^4"),
-    "train unknown schedule": (TRAIN + ("--config.diffusion.schedule=quadratic",), "unknown"),
-    "train short linear": (TRAIN + ("--config.diffusion.schedule=linear",
-                                    "--config.diffusion.num_timesteps=10"), "num_timesteps >= 20"),
-    "train classifier batch 0": (TRAIN + ("--config.classifier.batch_size=0",),
-                                 "classifier.batch_size"),
-    "train negative lr": (TRAIN + ("--config.optimizer.learning_rate=-1.0",),
-                          "optimizer.learning_rate"),
-    "train unknown dtype": (TRAIN + ("--config.train.dtype=float16",), "train.dtype"),
-    "train unknown lr decay": (TRAIN + ("--config.optimizer.decay=linear",), "optimizer.decay"),
-    "train cosine, no steps left": (TRAIN + ("--config.optimizer.decay=cosine",
-                                             "--config.optimizer.warmup_steps=100000"),
-                                    "optimizer.warmup_steps"),
-    "train sampling steps 0": (TRAIN + ("--config.sampling.num_steps=0",), "sampling.num_steps"),
     "train unknown data set": (TRAIN + ("--config.data.name=nope",), "Unknown data set"),
     "train missing config": (("train.py", "--config", "{tmp}/nope.py", "--workdir", "{work}"),
                              "cannot load the --config file"),
     "train keep_steps text": (TRAIN + ("--config.train.keep_steps=('x',)",), "train.keep_steps"),
-    "train keep_steps -1": (TRAIN + ("--config.train.keep_steps=(-1,)",), "train.keep_steps"),
-    "train keep_steps 1.5": (TRAIN + ("--config.train.keep_steps=(1.5,)",), "train.keep_steps"),
-    "train ddpm eta": (TRAIN + ("--config.sampling.method=ddpm", "--config.sampling.eta=0.5"),
-                       "eta applies to method='ddim' only"),
     "train stray argument": (TRAIN + ("extra",), "unexpected argument(s) 'extra'"),
     "train workdir is a file": (TRAIN[:-1] + ("{tmp}/existing.npz",), "is not a folder"),
     "train workdir under a file": (TRAIN[:-1] + ("{tmp}/existing.npz/run",), "is not a folder"),
@@ -59,8 +34,7 @@ CASES = {
     "train batch over devices": (TRAIN[:-1] + ("{tmp}/fresh", "--config.train.batch_size=15"),
                                  "must be divisible by the 2 devices"),
     # train.py: contradicting the workdir it would resume
-    "train other model": (TRAIN + ("--config.model.base_channels=16",),
-                          "model.base_channels: saved 8, now 16"),
+    # (another model is tests/test_end_to_end.py's test_resume_and_contradicting_config)
     "train other seed": (TRAIN + ("--config.seed=1",), "seed: saved 0, now 1"),
     "train other batch": (TRAIN + ("--config.train.batch_size=32",),
                           "train.batch_size: saved 16, now 32"),
@@ -69,6 +43,7 @@ CASES = {
     "sample label 10": (SAMPLE + ("--labels", "3,10"), "label 10 is out of range"),
     "sample label text": (SAMPLE + ("--labels", "a,b"), "label 'a' is a name, but this model"),
     "sample num_steps 5000": (SAMPLE + ("--num_steps", "5000"), "num_steps must be an int in"),
+    "sample num_steps text": (SAMPLE + ("--num_steps", "many"), "num_steps"),
     "sample existing out": (SAMPLE + ("--out", "{tmp}/existing.npz"), "exists"),
     "sample existing png": (SAMPLE + ("--out", "{tmp}/grid.npz"), "grid.png exists"),
     "sample no workdir": (SAMPLE + ("--workdir", "{tmp}/nothing"), "No checkpoint"),
@@ -150,7 +125,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(name, tiny_workdir, in
   assert _digest(tiny_workdir, inputs) == before
 
 
-def test_the_table_is_long_enough():
-  assert len(CASES) >= 30
-  tools = {args[0] for args, _ in CASES.values()}
-  assert tools == {"train.py", "sample.py", "evaluate.py", "sweep.py"}
+def test_every_tool_has_cases():
+  tools = collections.Counter(args[0] for args, _ in CASES.values())
+  assert set(tools) == {"train.py", "sample.py", "evaluate.py", "sweep.py"}
+  assert min(tools.values()) >= 5, tools

@@ -17,6 +17,42 @@ def test_a_stray_argument_is_an_input_error():
     startup.reject_arguments(["train.py", "extra"])
 
 
+# A config value that cannot work, and the text of the one-line error it must give. train.py
+# calls `validate` first, before any data or compile (tests/test_bad_inputs.py runs one such
+# case through the command line).
+BAD_CONFIGS = {
+    "p_uncond 1.5": ({"diffusion.p_uncond": 1.5}, "p_uncond"),
+    "p_uncond -0.1": ({"diffusion.p_uncond": -0.1}, "p_uncond"),
+    "batch 0": ({"train.batch_size": 0}, "train.batch_size"),
+    "log_every 0": ({"train.log_every": 0}, "train.log_every"),
+    "checkpoint_every 0": ({"train.checkpoint_every": 0}, "train.checkpoint_every"),
+    "num_heads 3": ({"model.num_heads": 3}, "model.num_heads"),
+    "num_groups 3": ({"model.num_groups": 3}, "model.num_groups"),
+    "too many levels": ({"model.channel_mult": (1, 1, 1, 1, 1)}, "divisible by 2^4"),
+    "unknown schedule": ({"diffusion.schedule": "quadratic"}, "unknown"),
+    "short linear": ({"diffusion.schedule": "linear", "diffusion.num_timesteps": 10},
+                     "num_timesteps >= 20"),
+    "classifier batch 0": ({"classifier.batch_size": 0}, "classifier.batch_size"),
+    "negative lr": ({"optimizer.learning_rate": -1.0}, "optimizer.learning_rate"),
+    "unknown dtype": ({"train.dtype": "float16"}, "train.dtype"),
+    "unknown lr decay": ({"optimizer.decay": "linear"}, "optimizer.decay"),
+    "cosine, no steps left": ({"optimizer.decay": "cosine", "optimizer.warmup_steps": 100000},
+                              "optimizer.warmup_steps"),
+    "sampling steps 0": ({"sampling.num_steps": 0}, "sampling.num_steps"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_a_bad_config_value_is_one_line_naming_the_field(tiny_config, name):
+  values, text = BAD_CONFIGS[name]
+  for field, value in values.items():
+    section, key = field.rsplit(".", 1)
+    tiny_config[section][key] = value
+  with pytest.raises(errors.ConfigError) as info:
+    config_checks.validate(tiny_config)
+  assert text in str(info.value) and "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("keep_steps", [("x",), (-1,), (0,), (1.5,), (True,)])
 def test_keep_steps_must_be_step_numbers(tiny_config, keep_steps):
   tiny_config.unlock()

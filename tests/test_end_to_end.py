@@ -1,4 +1,5 @@
-"""The command-line tools on the tiny config: train, resume, sample, evaluate, sweep, errors."""
+"""The command-line tools on the tiny config: train, resume, sample, evaluate, sweep (their
+bad inputs are tests/test_bad_inputs.py's)."""
 
 import json
 import os
@@ -81,22 +82,6 @@ def test_sample_cli_writes_the_evaluator_layout_deterministically(workdir, tmp_p
     np.testing.assert_array_equal(f["arr_1"], [7, 7, 7, 7])
 
 
-def test_sample_cli_errors_are_one_line_and_keep_existing_files(workdir, tmp_path):
-  out = tmp_path / "keep.npz"
-  out.write_bytes(b"precious")
-  assert_one_line_error(run("sample.py", "--workdir", workdir, "--out", out), "exists")
-  assert out.read_bytes() == b"precious"
-  assert_one_line_error(run("sample.py", "--workdir", workdir, "--out", tmp_path / "a.npz",
-                            "--labels", "3,10"), "label 10 is out of range")
-  assert_one_line_error(run("sample.py", "--workdir", tmp_path / "nothing", "--out",
-                            tmp_path / "b.npz"), "No checkpoint")
-  assert_one_line_error(run("sample.py", "--workdir", workdir, "--num_steps", "many"),
-                        "num_steps")
-  assert_one_line_error(run("sample.py", "--workdir", workdir, "--out", tmp_path / "c.npz",
-                            "--num_steps", 5000), "num_steps must be an int in 1..1000")
-  assert not any(p.suffix == ".npz" for p in tmp_path.iterdir() if p.name != "keep.npz")
-
-
 def test_evaluate_and_sweep(workdir, tmp_path):
   from cfg_jax import paths
   from cfg_jax.app import sweep_job
@@ -125,7 +110,6 @@ def test_evaluate_and_sweep(workdir, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   scores = json.load(open(tmp_path / "real.eval.json"))
   assert scores["accuracy"] == pytest.approx(net.test_accuracy, abs=0.1)
-  assert_one_line_error(run("evaluate.py", "--samples", tmp_path / "missing.npz"), "No sample file")
 
 
 def test_a_model_trained_without_dropout_is_guided_by_icg(tmp_path):

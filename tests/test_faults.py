@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from cfg_jax import checkpoints, distributed, errors
+from cfg_jax import checkpoints, data, distributed, errors
 from cfg_jax.app import locking
 from cfg_jax.train import denoiser, loop
-from tests.helpers import REPO, TINY_CONFIG, assert_one_line_error, run_cli
+from tests.helpers import REPO, TEST_XLA_FLAGS, TINY_CONFIG, assert_one_line_error, run_cli
 
 # Diffusion only, no grids: what a kill can interrupt is the loop and its checkpoints.
 FAULT_FLAGS = ["--config.train.num_steps=12", "--config.train.log_every=1",
@@ -99,15 +99,18 @@ def test_injected_nan_stops_and_keeps_the_last_good_checkpoint(tiny_workdir, tmp
   good = os.path.join(work, "checkpoints", str(last))  # may have resumed the shared workdir
   before = _digest(good)
   config = _config(tiny_config, num_steps=last + 4)
-  config.optimizer.learning_rate, config.optimizer.warmup_steps = 1e8, 1
+  # NaN images rather than a diverging learning rate: the same compiled train step as
+  # test_resume_equals_uninterrupted's, so no compile of its own.
+  poisoned = data.Split(images=np.full_like(digits_train.images, np.nan),
+                        labels=digits_train.labels)
+  one = distributed.data_mesh(jax.devices()[:1])
   with pytest.raises(loop.TrainingError, match=r"non-finite metrics \(.*loss=nan") as info:
-    denoiser.train(config, work, digits_train)
+    denoiser.train(config, work, poisoned, mesh=one)
   assert "array(" not in str(info.value)
   assert checkpoints.manager(os.path.join(work, "checkpoints")).latest_step() == last
   assert _digest(good) == before
-  config.optimizer.learning_rate, config.optimizer.warmup_steps = 2e-3, 100
   config.train.num_steps = last + 2
-  _, state = denoiser.train(config, work, digits_train)
+  _, state = denoiser.train(config, work, digits_train, mesh=one)
   assert int(state.step) == last + 2
 
 
@@ -242,7 +245,7 @@ def test_kill_9_at_random_points_then_resume_is_bitwise_uninterrupted(tmp_path):
   rng = random.Random(11)
   work, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
   args = [sys.executable, "train.py", "--config", TINY_CONFIG, *FAULT_FLAGS, "--workdir"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS}
   reference = subprocess.Popen(args + [whole], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
   # When to kill: a random moment of start-up, random logged steps, checkpoint saves (with

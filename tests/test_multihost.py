@@ -1,23 +1,24 @@
 """Real multi-process runs on this machine: 2 processes × 2 CPU devices, over gloo.
 
-1. The library (`tests/multihost_worker.py`): trains the tiny config (checkpoint at step 2,
-   resume to 4) and samples, then compares with 1 process × 1 device: losses and parameters
-   to float tolerance, samples identical (1 process × many devices against 1 device is
-   tests/test_training.py's).
-2. The README's recipe, literally: `train.py` in 2 processes, then `sample.py` on that
-   workdir in 2 processes and in 1; the two `.npz` files must be byte-identical.
+The README's recipe, literally: `train.py` in 2 processes, then `sample.py` on that workdir
+in 2 processes and in 1, whose `.npz` files must be byte-identical. Then the same run is
+resumed in 2 processes, and its losses and parameters must equal those of 1 process × 1
+device trained alike (here, in the test's own process) to float tolerance. 1 process × many
+devices against 1 device is tests/test_training.py's.
 """
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, TEST_XLA_FLAGS
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = int(os.environ.get("CFG_JAX_MULTIHOST_TIMEOUT", 900))  # a loaded 2-core CI box
@@ -38,7 +39,7 @@ def spawn(tmp_path, name, argv, processes, devices_each, extra_env=()):
   devices (a coordinator on a free port when more than one); returns [(Popen, log path)].
   `extra_env(i)` adds process i's own variables."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each} {TEST_XLA_FLAGS}"}
   for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(var, None)
   if processes > 1:
@@ -54,17 +55,6 @@ def spawn(tmp_path, name, argv, processes, devices_each, extra_env=()):
                **({"JAX_PROCESS_ID": str(i)} if processes > 1 else {})})
     children.append((proc, log))
   return children
-
-
-def launch(tmp_path, name, processes, devices_each):
-  """Starts `processes` workers; returns [(Popen, log path)] and the result path."""
-  workdir, out = tmp_path / name, tmp_path / f"{name}.npz"
-  # A persistent compilation cache per process: the resumed fit reuses the first compile.
-  children = spawn(
-      tmp_path, name, [sys.executable, "-m", "tests.multihost_worker", str(workdir), str(out)],
-      processes, devices_each,
-      lambda i: {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / f"jit-cache-{name}-{i}")})
-  return children, out
 
 
 def wait_all(children, timeout_s):
@@ -83,46 +73,58 @@ def wait_all(children, timeout_s):
         proc.wait()
 
 
-def test_multihost_2x2_matches_one_process(tmp_path):
-  from cfg_jax import data
-
-  data.load_split("digits", "train")  # prepared once here; the workers only read it
-  runs = {name: launch(tmp_path, name, p, d)
-          for name, p, d in (("2x2", 2, 2), ("1x1", 1, 1))}
-  wait_all([c for children, _ in runs.values() for c in children], TIMEOUT_S)
-  results = {name: dict(np.load(out)) for name, (_, out) in runs.items()}
-  assert (results["2x2"]["processes"], results["2x2"]["devices"]) == (2, 4)
-  log = open(tmp_path / "2x2.1.log").read()
-  assert "[process 1/2] Resuming diffusion from step 2." in log
-  assert not (tmp_path / "2x2" / "train.log").exists()  # process logs are the worker's
-  ref = results["1x1"]
-  np.testing.assert_array_equal(ref["steps"], [2, 4])  # metrics written once, not per process
-  got = results["2x2"]
-  np.testing.assert_array_equal(got["steps"], ref["steps"])
-  np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-5)
-  leaves = sorted(k for k in ref if k.startswith("leaf"))
-  assert leaves and leaves == sorted(k for k in got if k.startswith("leaf"))
-  for k in leaves:
-    np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
-  np.testing.assert_array_equal(got["samples"], ref["samples"])
+def _no_evalnet(tmp_path):
+  """A user cache with no evaluation network: nothing to judge, nothing trained for it."""
+  return lambda i: {"XDG_CACHE_HOME": str(tmp_path / "cache")}
 
 
 def run_recipe(tmp_path, name, command, processes):
   """Runs a README command (runs/mh → tmp_path/mh) as `processes` processes × 2 devices."""
   args = command.replace("runs/", f"{tmp_path}/").replace(".npz", f"-{name}.npz").split()
-  # No evaluation network in this cache: nothing to judge, nothing trained for it.
   children = spawn(tmp_path, name, [sys.executable, *args[1:]], processes, 2,
-                   lambda i: {"XDG_CACHE_HOME": str(tmp_path / "cache")})
+                   _no_evalnet(tmp_path))
   wait_all(children, TIMEOUT_S)
   return [open(log).read() for _, log in children]
 
 
-def test_readme_recipe_trains_in_2_processes_and_samples_like_1(tmp_path):
+def _reference_run(config, workdir, split):
+  """The diffusion run of `train.py` on `config`, in this process on 1 device: its losses
+  and final parameters. Trained to 4 steps and resumed to 6, as the 2 processes are."""
+  from cfg_jax import distributed
+  from cfg_jax.train import denoiser
+
+  one = distributed.data_mesh(jax.devices()[:1])
+  config.train.num_steps = 4
+  denoiser.train(config, workdir, split, mesh=one)
+  config.train.num_steps = 6
+  _, state = denoiser.train(config, workdir, split, mesh=one)
+  return _losses(workdir), jax.device_get((state.params, state.ema_params))
+
+
+def _losses(workdir):
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {l["step"]: l["diffusion/loss"] for l in lines if "diffusion/loss" in l}
+
+
+def _final_state(workdir, config):
+  """(params, ema_params) of the latest checkpoint in `workdir`, read back from disk."""
+  from cfg_jax import checkpoints
+  from cfg_jax.train import denoiser, loop
+
+  _, params = denoiser.create_denoiser(config, 0)
+  state = loop.init_state(params, loop.make_optimizer(**config.optimizer), with_ema=True)
+  mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), create=False)
+  restored = checkpoints.restore(mngr, checkpoints.restore_target(state))[0]
+  return jax.device_get((restored.params, restored.ema_params))
+
+
+def test_readme_recipe_in_2_processes_samples_resumes_and_trains_like_1(tmp_path):
   readme = open(os.path.join(REPO, "README.md")).read()
   assert TRAIN_RECIPE in readme and SAMPLE_RECIPE in readme, "README and test disagree"
   from cfg_jax import data
+  from configs import digits_tiny
 
-  data.load_split("digits", "train")  # prepared once here; the processes only read it
+  split = data.load_split("digits", "train")  # prepared once here; the processes only read it
   logs = run_recipe(tmp_path, "train", TRAIN_RECIPE, processes=2)
   assert "[process 1/2] Training on digits" in logs[1], logs[1][-3000:]
   work = tmp_path / "mh"
@@ -135,3 +137,25 @@ def test_readme_recipe_trains_in_2_processes_and_samples_like_1(tmp_path):
   assert two == one
   with np.load(tmp_path / "mh-1x2.npz") as f:
     assert f["arr_0"].shape == (100, 8, 8, 1)  # sample.py's default --num_samples
+
+  # Resumed in 2 processes (no grids; the train step compiled above is in the cache), while
+  # this process trains the reference.
+  resume = TRAIN_RECIPE.replace("runs/", f"{tmp_path}/").split()[1:] + [
+      "--config.train.num_steps=6", "--config.sampling.guidance_scales=()",
+      "--config.sampling.classifier_scales=()"]
+  children = spawn(tmp_path, "resume", [sys.executable, *resume], 2, 2, _no_evalnet(tmp_path))
+  want_losses, want_state = _reference_run(digits_tiny.get_config(), str(tmp_path / "ref"), split)
+  wait_all(children, TIMEOUT_S)
+  log = open(children[1][1]).read()
+  assert "[process 1/2] Resuming diffusion from step 4." in log, log[-3000:]
+  got_losses = _losses(work)  # written once, by process 0
+  assert sorted(got_losses) == sorted(want_losses) == [2, 4, 6]
+  np.testing.assert_allclose([got_losses[s] for s in (2, 4, 6)],
+                             [want_losses[s] for s in (2, 4, 6)], rtol=1e-5)
+  got_state = _final_state(str(work), digits_tiny.get_config())
+  got_leaves = dict(jax.tree_util.tree_flatten_with_path(got_state)[0])
+  want_leaves = dict(jax.tree_util.tree_flatten_with_path(want_state)[0])
+  assert want_leaves and got_leaves.keys() == want_leaves.keys()
+  for path, want in want_leaves.items():
+    np.testing.assert_allclose(got_leaves[path], want, rtol=1e-4, atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
