@@ -16,8 +16,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # this process and every CLI it starts share one cache for the session, since the suite
 # compiles the same small train steps and samplers many times over. The pytest-xdist
 # workers of one run share it too. A size limit makes JAX lock the cache around each read
-# and write, so no process ever reads a half-written entry (a warning about one would break
-# a test that reads a tool's stderr).
+# and write, so no process reads an entry another is writing (the kill -9 test, which
+# could leave one half-written, keeps a cache of its own).
 os.environ["CFG_JAX_COMPILATION_CACHE"] = "0"
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of a run
 if _RUN and importlib.util.find_spec("filelock"):  # the lock needs it (the test extra)

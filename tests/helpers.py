@@ -6,10 +6,10 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "configs", "digits_tiny.py")
-# XLA flags of every JAX process the suite runs. Its programs are small and compiled once,
-# so LLVM's optimisations cost more time than they save: at level 0 a tiny main job's
-# compiles take about half as long (benchmarks/PERF_FINDINGS.md). The tests that compare two
-# runs give both the same flags.
+# XLA flags of every JAX process the suite runs (but test_cpu_collectives.py's, which guards
+# the optimised runtime). Its programs are small and compiled once, so LLVM's optimisations
+# cost more time than they save: at level 0 a tiny main job's compiles take about half as
+# long (benchmarks/PERF_FINDINGS.md). The tests that compare two runs give both the same flags.
 TEST_XLA_FLAGS = os.environ.get("CFG_JAX_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 

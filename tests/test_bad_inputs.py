@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import TINY_CONFIG, assert_one_line_error, run_cli
 
-pytestmark = pytest.mark.slow  # ~60 subprocesses and the shared trained workdir
+pytestmark = pytest.mark.slow  # ~40 subprocesses and the shared trained workdir
 
 TRAIN = ("train.py", "--config", TINY_CONFIG, "--workdir", "{work}")
 SAMPLE = ("sample.py", "--workdir", "{work}", "--num_steps", "2", "--out", "{tmp}/s.npz")

@@ -245,7 +245,11 @@ def test_kill_9_at_random_points_then_resume_is_bitwise_uninterrupted(tmp_path):
   rng = random.Random(11)
   work, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
   args = [sys.executable, "train.py", "--config", TINY_CONFIG, *FAULT_FLAGS, "--workdir"]
-  env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS}
+  # A cache of its own, without the shared one's size limit: a kill while JAX writes an
+  # entry would leave it half-written for every other test.
+  env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS,
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jit-cache")}
+  env.pop("JAX_COMPILATION_CACHE_MAX_SIZE", None)
   reference = subprocess.Popen(args + [whole], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
   # When to kill: a random moment of start-up, random logged steps, checkpoint saves (with

@@ -115,7 +115,8 @@ def test_bfloat16_compute_keeps_float32_weights_and_matches_float32():
       graphdef, schedules.from_config(config.diffusion),
       _with_dtype(config, "bfloat16"))
   batch = {"image": x, "label": jnp.array([0, 1, 2, 3])}
-  # (Traced, not compiled: the dtypes are the question, and a bfloat16 gradient compiles slowly.)
+  # (Traced, not compiled: the dtypes are the question, and a bfloat16 gradient compiles
+  # slowly; the bfloat16 forward above is the compiled one.)
   grads = jax.eval_shape(jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0))[0]), params)
   assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
 

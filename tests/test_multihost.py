@@ -102,8 +102,9 @@ def _reference_run(config, workdir, split):
 
 
 def _losses(workdir):
+  """[(step, loss)] of the diffusion model, in the order metrics.jsonl has them."""
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  return {l["step"]: l["diffusion/loss"] for l in lines if "diffusion/loss" in l}
+  return [(l["step"], l["diffusion/loss"]) for l in lines if "diffusion/loss" in l]
 
 
 def _final_state(workdir, config):
@@ -144,14 +145,17 @@ def test_readme_recipe_in_2_processes_samples_resumes_and_trains_like_1(tmp_path
       "--config.train.num_steps=6", "--config.sampling.guidance_scales=()",
       "--config.sampling.classifier_scales=()"]
   children = spawn(tmp_path, "resume", [sys.executable, *resume], 2, 2, _no_evalnet(tmp_path))
-  want_losses, want_state = _reference_run(digits_tiny.get_config(), str(tmp_path / "ref"), split)
-  wait_all(children, TIMEOUT_S)
+  try:
+    want_losses, want_state = _reference_run(digits_tiny.get_config(), str(tmp_path / "ref"),
+                                             split)
+  finally:
+    wait_all(children, TIMEOUT_S)  # never left running, even if the reference fails
   log = open(children[1][1]).read()
   assert "[process 1/2] Resuming diffusion from step 4." in log, log[-3000:]
-  got_losses = _losses(work)  # written once, by process 0
-  assert sorted(got_losses) == sorted(want_losses) == [2, 4, 6]
-  np.testing.assert_allclose([got_losses[s] for s in (2, 4, 6)],
-                             [want_losses[s] for s in (2, 4, 6)], rtol=1e-5)
+  got_losses = _losses(work)
+  assert [step for step, _ in got_losses] == [2, 4, 6]  # written once, by process 0
+  assert [step for step, _ in want_losses] == [2, 4, 6]
+  np.testing.assert_allclose([l for _, l in got_losses], [l for _, l in want_losses], rtol=1e-5)
   got_state = _final_state(str(work), digits_tiny.get_config())
   got_leaves = dict(jax.tree_util.tree_flatten_with_path(got_state)[0])
   want_leaves = dict(jax.tree_util.tree_flatten_with_path(want_state)[0])
