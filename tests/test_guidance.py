@@ -365,7 +365,9 @@ def test_separate_unconditional_network_is_cfg_also_on_a_model_without_a_null_la
   for null_label in (NULL, None):
     separate = draw(guidance=guidance.CFG(2.5, rescale=0.5, uncond_eps_fn=at_null),
                     null_label=null_label)
-    np.testing.assert_allclose(separate, plain, atol=1e-6)
+    # Float rounding only: one batched pass against two separate ones, over 20 steps (up to
+    # 1.3e-6 apart on the newest stack compiled at XLA's optimisation level 0).
+    np.testing.assert_allclose(separate, plain, atol=1e-5)
   other = Partial(lambda x, t, y: 0.5 * ORACLE.eps_uncond(x, t))
   np.testing.assert_allclose(draw(guidance=guidance.CFG(0.0, uncond_eps_fn=other),
                                   null_label=NULL),
