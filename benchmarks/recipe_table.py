@@ -2,7 +2,7 @@
 
   python benchmarks/recipe_table.py              # configs/digits.py: ~10 min a seed, 2 CPU cores
   python benchmarks/recipe_table.py --candidate diffusion.min_snr_gamma=inf \
-      --candidate train.ema_decay=0.999 --json recipe.json          # defaults vs a change
+      --candidate optimizer.decay=constant --json recipe.json       # defaults vs a change
   python benchmarks/recipe_table.py --recipe configs/digits.py --override train.num_steps=2000
   python benchmarks/recipe_table.py --quick                         # checks that it runs
   python benchmarks/recipe_table.py --quick --candidate train.num_steps=8

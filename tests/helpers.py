@@ -27,3 +27,17 @@ def assert_one_line_error(result, text):
   lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and text in lines[0], result.stderr[-3000:]
   assert "Traceback" not in result.stderr
+
+
+def saved_train_state(workdir, config):
+  """The latest diffusion TrainState in `workdir/checkpoints`, read back from disk.
+
+  (JAX is imported here, not at the top: tests/conftest.py imports this module before it
+  sets the XLA flags.)"""
+  from cfg_jax import checkpoints
+  from cfg_jax.train import denoiser, loop
+
+  _, params = denoiser.create_denoiser(config, 0)
+  state = loop.init_state(params, loop.make_optimizer(**config.optimizer), with_ema=True)
+  mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), create=False)
+  return checkpoints.restore(mngr, checkpoints.restore_target(state))[0]

@@ -16,7 +16,8 @@ import pytest
 from cfg_jax import checkpoints, data, distributed, errors
 from cfg_jax.app import locking
 from cfg_jax.train import denoiser, loop
-from tests.helpers import REPO, TEST_XLA_FLAGS, TINY_CONFIG, assert_one_line_error, run_cli
+from tests.helpers import (REPO, TEST_XLA_FLAGS, TINY_CONFIG, assert_one_line_error,
+                           run_cli, saved_train_state)
 
 # Diffusion only, no grids: what a kill can interrupt is the loop and its checkpoints.
 FAULT_FLAGS = ["--config.train.num_steps=12", "--config.train.log_every=1",
@@ -29,14 +30,6 @@ def _config(tiny_config, **train):
   tiny_config.train.update(train)
   tiny_config.classifier.num_steps = 0
   return tiny_config
-
-
-def _state(workdir, config):
-  """The final TrainState in `workdir/checkpoints`, read back from disk."""
-  _, params = denoiser.create_denoiser(config, 0)
-  tx = loop.make_optimizer(**config.optimizer)
-  mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), create=False)
-  return checkpoints.restore(mngr, checkpoints.restore_target(loop.init_state(params, tx, True)))[0]
 
 
 def _assert_bitwise_equal(a, b):
@@ -281,7 +274,7 @@ def test_kill_9_at_random_points_then_resume_is_bitwise_uninterrupted(tmp_path):
   from configs import digits_tiny
 
   config = digits_tiny.get_config()
-  final, expected = _state(work, config), _state(whole, config)
+  final, expected = saved_train_state(work, config), saved_train_state(whole, config)
   assert int(final.step) == int(expected.step) == 12
   _assert_bitwise_equal(expected.params, final.params)
   _assert_bitwise_equal(expected.ema_params, final.ema_params)

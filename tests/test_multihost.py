@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, TEST_XLA_FLAGS
+from tests.helpers import REPO, TEST_XLA_FLAGS, saved_train_state
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = int(os.environ.get("CFG_JAX_MULTIHOST_TIMEOUT", 900))  # a loaded 2-core CI box
@@ -107,18 +107,6 @@ def _losses(workdir):
   return [(l["step"], l["diffusion/loss"]) for l in lines if "diffusion/loss" in l]
 
 
-def _final_state(workdir, config):
-  """(params, ema_params) of the latest checkpoint in `workdir`, read back from disk."""
-  from cfg_jax import checkpoints
-  from cfg_jax.train import denoiser, loop
-
-  _, params = denoiser.create_denoiser(config, 0)
-  state = loop.init_state(params, loop.make_optimizer(**config.optimizer), with_ema=True)
-  mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), create=False)
-  restored = checkpoints.restore(mngr, checkpoints.restore_target(state))[0]
-  return jax.device_get((restored.params, restored.ema_params))
-
-
 def test_readme_recipe_in_2_processes_samples_resumes_and_trains_like_1(tmp_path):
   readme = open(os.path.join(REPO, "README.md")).read()
   assert TRAIN_RECIPE in readme and SAMPLE_RECIPE in readme, "README and test disagree"
@@ -156,7 +144,8 @@ def test_readme_recipe_in_2_processes_samples_resumes_and_trains_like_1(tmp_path
   assert [step for step, _ in got_losses] == [2, 4, 6]  # written once, by process 0
   assert [step for step, _ in want_losses] == [2, 4, 6]
   np.testing.assert_allclose([l for _, l in got_losses], [l for _, l in want_losses], rtol=1e-5)
-  got_state = _final_state(str(work), digits_tiny.get_config())
+  saved = saved_train_state(str(work), digits_tiny.get_config())
+  got_state = jax.device_get((saved.params, saved.ema_params))
   got_leaves = dict(jax.tree_util.tree_flatten_with_path(got_state)[0])
   want_leaves = dict(jax.tree_util.tree_flatten_with_path(want_state)[0])
   assert want_leaves and got_leaves.keys() == want_leaves.keys()
