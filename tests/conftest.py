@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-import tempfile
 
 from tests.helpers import TEST_XLA_FLAGS
 
@@ -12,27 +11,36 @@ os.environ["XLA_FLAGS"] = " ".join(
      TEST_XLA_FLAGS]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# The entry points the tests start keep no compiled programs in the user's cache; instead
-# this process and every CLI it starts share one cache for the session, since the suite
-# compiles the same small train steps and samplers many times over. The pytest-xdist
-# workers of one run share it too. A size limit makes JAX lock the cache around each read
-# and write, so no process reads an entry another is writing (the kill -9 test, which
-# could leave one half-written, keeps a cache of its own).
-os.environ["CFG_JAX_COMPILATION_CACHE"] = "0"
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of a run
-if _RUN and importlib.util.find_spec("filelock"):  # the lock needs it (the test extra)
-  _JIT_CACHE = os.path.join(tempfile.gettempdir(), f"cfg_jax_jit_{_RUN}")
-  os.makedirs(_JIT_CACHE, exist_ok=True)
-  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)  # never reached: for the lock
-else:
-  _JIT_CACHE = tempfile.mkdtemp(prefix="cfg_jax_jit_")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _JIT_CACHE
-
 import pytest
 
-# Data sets are prepared into a fresh folder per test session (subprocesses inherit it),
-# so tests never read or write the user's ~/tensorflow_datasets.
-os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="cfg_jax_tfds_")
+
+@pytest.hookimpl(trylast=True)  # after pytest's own configure has made its temporary folders
+def pytest_configure(config):
+  """Per-run folders under pytest's base temporary folder, which pytest prunes (it keeps the
+  last three runs'), so repeated runs do not fill the temporary folder.
+
+  - Data sets are prepared into a fresh folder (subprocesses inherit it), so tests never
+    read or write the user's ~/tensorflow_datasets.
+  - The entry points the tests start keep no compiled programs in the user's cache; instead
+    this process and every CLI it starts share one cache for the run, since the suite
+    compiles the same small train steps and samplers many times over. The pytest-xdist
+    workers of one run share it too (a worker's base folder is inside the run's). A size
+    limit makes JAX lock the cache around each read and write, so no process reads an
+    entry another is writing (the kill -9 test, which could leave one half-written, keeps
+    a cache of its own). Without filelock, which the lock needs, each worker keeps its own.
+
+  These must be set before JAX is imported, which the test modules do when collected.
+  """
+  base = config._tmp_path_factory.getbasetemp()  # pylint: disable=protected-access
+  os.environ["TFDS_DATA_DIR"] = str(base / "tensorflow_datasets")
+  locking = importlib.util.find_spec("filelock") is not None
+  run_folder = base.parent if locking and os.environ.get("PYTEST_XDIST_WORKER") else base
+  jit_cache = run_folder / "jit_cache"
+  jit_cache.mkdir(exist_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(jit_cache)
+  os.environ["CFG_JAX_COMPILATION_CACHE"] = "0"
+  if locking:
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)  # never reached: for the lock
 
 
 @pytest.hookimpl(optionalhook=True)
