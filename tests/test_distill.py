@@ -231,6 +231,9 @@ def test_a_teacher_that_cannot_teach_the_student_is_a_one_line_error(change, mes
   assert "\n" not in str(info.value)
   distill.check_teacher(digits.get_config().to_dict(), digits_distill.get_config().to_dict(),
                         "runs/t/checkpoints")  # the default teacher teaches the default student
+  student = digits_distill.get_config()
+  student.model.dropout = 0.0  # a training setting: the student may choose its own
+  distill.check_teacher(digits.get_config().to_dict(), student.to_dict(), "runs/t/checkpoints")
 
 
 # -- end to end -------------------------------------------------------------------------------

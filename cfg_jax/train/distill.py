@@ -27,6 +27,8 @@ from cfg_jax.train import denoiser, loop
 # What a student shares with its teacher: the data set (so image shape and classes), the
 # noise schedule and the network (less the w-embedding).
 TEACHER_SECTIONS = ("data.name", "diffusion.schedule", "diffusion.num_timesteps", "model")
+# Model fields the student may set apart from its teacher: they change no parameter.
+STUDENT_ONLY_MODEL_FIELDS = ("guidance_embedding", "dropout")
 
 
 def state_sections(config) -> tuple:
@@ -57,9 +59,12 @@ def check_teacher(teacher: dict, student: dict, directory: str) -> None:
   if teacher["model"].get("guidance_embedding", False):
     raise checkpoints.CheckpointError(f"The teacher in {directory} is itself a guidance-distilled "
                                       "student; distill a model trained with configs/digits.py.")
-  student_net = {k: v for k, v in student["model"].items() if k != "guidance_embedding"}
-  diffs = checkpoints.config_differences(teacher, {**student, "model": student_net},
-                                         TEACHER_SECTIONS)
+
+  def network(config):
+    return {k: v for k, v in config["model"].items() if k not in STUDENT_ONLY_MODEL_FIELDS}
+
+  diffs = checkpoints.config_differences({**teacher, "model": network(teacher)},
+                                         {**student, "model": network(student)}, TEACHER_SECTIONS)
   if diffs:
     raise checkpoints.CheckpointError(
         f"The teacher in {directory} does not match this student ({'; '.join(diffs)}); the "
