@@ -4,8 +4,8 @@
   python train.py --config configs/digits_distill.py \
       --config.distill.teacher_workdir=runs/digits --workdir runs/digits_distill
 
-The student is the teacher's UNet (its `model` section must equal the teacher's but for dropout, as must the
-data set and the schedule) with a w-embedding, initialised from the teacher's EMA weights and
+The student is the teacher's UNet (its `model` section must equal the teacher's but for
+dropout, as must the data set and the schedule) with a w-embedding, initialised from the teacher's EMA weights and
 trained to match the teacher's guided ε̂ at γ drawn uniformly from `guidance_scale_range`;
 then `cfg_jax.load(workdir).sample(key, labels, guidance_scale=γ)` runs one pass per step.
 A distillation step costs about 1.5 teacher training steps (the teacher's two passes
