@@ -54,6 +54,14 @@ def drop_labels(key, labels, p_uncond, null_label):
   return jnp.where(drop, null_label, labels), drop
 
 
+def min_snr_weight(schedule: Schedule, t, gamma: float):
+  """min(SNR_t, γ)/SNR_t, SNR_t = ᾱ_t/(1 − ᾱ_t): the min-SNR-γ weight of an ε-MSE at t
+  (Hang et al. 2023, for ε-prediction)."""
+  signal, noise_std = schedule.scales(t)
+  snr = jnp.square(signal / noise_std)
+  return jnp.minimum(snr, gamma) / snr
+
+
 def cfg_loss(
     params,
     eps_apply: EpsApply,
@@ -88,8 +96,6 @@ def cfg_loss(
   chex.assert_equal_shape([eps, noise])  # a wrong shape would broadcast silently
   loss_per_example = jnp.mean(jnp.square(eps - noise).reshape(batch, -1), axis=-1)
   if min_snr_gamma is not None:
-    signal, noise_std = schedule.scales(t)
-    snr = jnp.square(signal / noise_std)
-    loss_per_example = loss_per_example * jnp.minimum(snr, min_snr_gamma) / snr
+    loss_per_example = loss_per_example * min_snr_weight(schedule, t, min_snr_gamma)
   aux = {"per_example_loss": loss_per_example, "t": t, "dropped": dropped}
   return jnp.mean(loss_per_example), aux

@@ -35,13 +35,13 @@ def guided_oracle(x_t, t, y, w):
 
 # -- the loss ---------------------------------------------------------------------------------
 
-def _loss(student):
+def _loss(student, **options):
   labels = np.random.default_rng(1).integers(0, NULL, 4096)
   x0 = ORACLE.sample_data(np.random.default_rng(2), labels).astype(np.float32)
   return distill.distillation_loss(
       None, lambda params, x_t, t, y, w: student(x_t, t, y, w), ORACLE.eps, SCHEDULE,
       jnp.asarray(x0), jnp.asarray(labels), jax.random.key(3), guidance_scale_range=(0.0, 4.0),
-      p_uncond=0.1, null_label=NULL)
+      p_uncond=0.1, null_label=NULL, **options)
 
 
 def test_the_exact_guided_student_has_zero_loss_and_a_wrong_w_costs_its_square():
@@ -62,6 +62,19 @@ def test_the_exact_guided_student_has_zero_loss_and_a_wrong_w_costs_its_square()
   _, cond_aux = _loss(lambda x_t, t, y, w: ORACLE.eps(x_t, t, y))
   np.testing.assert_allclose(cond_aux["per_example_loss"], (w - 1) ** 2 * gap, rtol=1e-3,
                              atol=1e-9)
+
+
+def test_min_snr_weights_each_example_of_the_distillation_loss_by_min_snr_over_snr():
+  student = lambda x_t, t, y, w: guided_oracle(x_t, t, y, w + 1.0)  # noqa: E731
+  plain, aux = _loss(student)
+  weighted, weighted_aux = _loss(student, min_snr_gamma=5.0)
+  abar = np.asarray(SCHEDULE.alphas_cumprod, np.float64)[np.asarray(aux["t"])]
+  snr = abar / (1 - abar)
+  np.testing.assert_allclose(weighted_aux["per_example_loss"],
+                             aux["per_example_loss"] * np.minimum(snr, 5.0) / snr, rtol=3e-4,
+                             atol=1e-9)
+  assert float(weighted) < float(plain) and (snr > 5).any() and (snr < 5).any()
+  assert float(_loss(guided_oracle, min_snr_gamma=5.0)[0]) < 1e-10  # the optimum stays at 0
 
 
 # -- the student network ----------------------------------------------------------------------

@@ -14,6 +14,8 @@ teacher's training; there ε_c = ε_u, so the student learns the unconditional �
 
 from __future__ import annotations
 
+from typing import Optional
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -100,8 +102,10 @@ def guided_target(teacher_eps_fn, x_t, t, y, w, null_label):
 
 
 def distillation_loss(params, student_apply, teacher_eps_fn, schedule: schedules.Schedule, x0,
-                      labels, key, *, guidance_scale_range, p_uncond: float, null_label: int):
-  """Meng et al.'s stage-1 loss: ‖ε_s(x_t, t, y, w) − ε̂_teacher(x_t, t, y, w)‖², averaged.
+                      labels, key, *, guidance_scale_range, p_uncond: float, null_label: int,
+                      min_snr_gamma: Optional[float] = None):
+  """Meng et al.'s stage-1 loss: ‖ε_s(x_t, t, y, w) − ε̂_teacher(x_t, t, y, w)‖², averaged;
+  with `min_snr_gamma`, each example weighted by min-SNR-γ as in `diffusion.cfg_loss`.
 
   Draws t ~ U{0..T-1}, ε ~ N(0, I), w ~ U[guidance_scale_range] and the label drop from
   `key`. The target is a deterministic function of (x_t, t, y, w), so a student equal to the
@@ -127,6 +131,8 @@ def distillation_loss(params, student_apply, teacher_eps_fn, schedule: schedules
   eps = student_apply(params, x_t, t, y, w)
   chex.assert_equal_shape([eps, target])  # a wrong shape would broadcast silently
   loss_per_example = jnp.mean(jnp.square(eps - target).reshape(batch, -1), axis=-1)
+  if min_snr_gamma is not None:
+    loss_per_example = loss_per_example * diffusion.min_snr_weight(schedule, t, min_snr_gamma)
   return jnp.mean(loss_per_example), {"per_example_loss": loss_per_example, "t": t, "w": w,
                                       "dropped": dropped}
 
@@ -148,7 +154,8 @@ def make_loss_fn(graphdef, teacher_eps_fn, schedule: schedules.Schedule, config)
     loss, _ = distillation_loss(params, student_apply, teacher_eps_fn, schedule, batch["image"],
                                 batch["label"], loss_key,
                                 guidance_scale_range=guidance_scale_range,
-                                p_uncond=config.diffusion.p_uncond, null_label=null_label)
+                                p_uncond=config.diffusion.p_uncond, null_label=null_label,
+                                min_snr_gamma=denoiser.min_snr_gamma(config))
     return loss, {}
 
   return loss_fn
