@@ -22,9 +22,10 @@ def get_config():
       dropout=0.0,
       learn_sigma=False,  # cfg-jax trains ε alone
   )
-  config.optimizer.learning_rate = 1e-3
-  config.train.num_steps = 2000
   # The recipe docs/results.md measured (the UNet main job's defaults until they changed).
+  config.optimizer.update(learning_rate=1e-3, decay="cosine")
+  config.train.num_steps = 2000
+  config.train.ema_decay = 0.995
   config.diffusion.p_uncond = 0.1
   config.diffusion.min_snr_gamma = None
   config.classifier.num_steps = 200

@@ -67,9 +67,10 @@ def test_cosine_runs_resume_only_with_the_same_schedule():
   from configs import digits
 
   config = digits.get_config()
-  assert config.optimizer.decay == "cosine"
+  config.optimizer.decay = "cosine"
   saved = config.to_dict()
   longer = digits.get_config()
+  longer.optimizer.decay = "cosine"
   longer.train.num_steps *= 2
   sections = denoiser.state_sections(longer)
   assert {"optimizer", "train.num_steps"} <= set(sections)
