@@ -1,7 +1,9 @@
 """Test set-up: eight host CPU devices, so data-parallel code is exercised without a GPU."""
 
+import contextlib
 import importlib.util
 import os
+import shutil
 
 from tests.helpers import TEST_XLA_FLAGS
 
@@ -12,6 +14,10 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
+
+LOCKING = importlib.util.find_spec("filelock") is not None
+if LOCKING:
+  import filelock
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own configure has made its temporary folders
@@ -28,19 +34,24 @@ def pytest_configure(config):
     limit makes JAX lock the cache around each read and write, so no process reads an
     entry another is writing (the kill -9 test, which could leave one half-written, keeps
     a cache of its own). Without filelock, which the lock needs, each worker keeps its own.
+    The tiny trained workdir is shared alike (`tiny_workdir`).
 
   These must be set before JAX is imported, which the test modules do when collected.
   """
   base = config._tmp_path_factory.getbasetemp()  # pylint: disable=protected-access
   os.environ["TFDS_DATA_DIR"] = str(base / "tensorflow_datasets")
-  locking = importlib.util.find_spec("filelock") is not None
-  run_folder = base.parent if locking and os.environ.get("PYTEST_XDIST_WORKER") else base
-  jit_cache = run_folder / "jit_cache"
+  jit_cache = _run_folder(base) / "jit_cache"
   jit_cache.mkdir(exist_ok=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = str(jit_cache)
   os.environ["CFG_JAX_COMPILATION_CACHE"] = "0"
-  if locking:
+  if LOCKING:
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)  # never reached: for the lock
+
+
+def _run_folder(base):
+  """The folder every process of this run shares: the run's own when pytest-xdist runs it
+  (a worker's base folder is inside it) and filelock can guard it, else this process's."""
+  return base.parent if LOCKING and os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -70,10 +81,18 @@ def tiny_config():
 
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory):
-  """A workdir trained by `train.py` on the tiny config (diffusion model and classifier)."""
-  work = tmp_path_factory.mktemp("e2e") / "run"
+  """A workdir trained by `train.py` on the tiny config (diffusion model and classifier),
+  trained once per run: the first worker to need it trains it while the others wait on its
+  lock. Tests only read it; one that trains in it works on a copy."""
   from tests.helpers import TINY_CONFIG, run_cli
 
-  result = run_cli("train.py", "--config", TINY_CONFIG, "--workdir", work)
-  assert result.returncode == 0, result.stderr[-3000:]
+  folder = _run_folder(tmp_path_factory.getbasetemp()) / "tiny_workdir"
+  work, trained = folder / "run", folder / "trained"  # the mark outside the workdir
+  folder.mkdir(exist_ok=True)
+  with (filelock.FileLock(str(folder / "lock")) if LOCKING else contextlib.nullcontext()):
+    if not trained.exists():
+      shutil.rmtree(work, ignore_errors=True)  # a failed attempt's
+      result = run_cli("train.py", "--config", TINY_CONFIG, "--workdir", work)
+      assert result.returncode == 0, result.stderr[-3000:]
+      trained.touch()
   return work

@@ -3,6 +3,7 @@ bad inputs are tests/test_bad_inputs.py's)."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -39,9 +40,11 @@ def _files(folder):
           for root, _, names in os.walk(folder) for name in names}
 
 
-def test_resume_and_contradicting_config(workdir):
+def test_resume_and_contradicting_config(tiny_workdir, tmp_path):
   """What the README promises of a re-run: checkpoints resumed, never rewritten; the sample
-  grids rewritten from the final model."""
+  grids rewritten from the final model. (On a copy: the other tests read the shared run.)"""
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_workdir, workdir)  # with the mtimes the test compares
   before = _files(workdir)
   result = run("train.py", *TINY, "--workdir", workdir, "--config.train.num_steps=6",
                "--config.classifier.num_steps=0")
