@@ -351,8 +351,9 @@ class Distilled:
   composes with it as with any rule.
 
   Attributes:
-    scale: w = γ (0: unconditional, 1: conditional; Meng et al.'s w is γ − 1), best within
-      the range the student was trained on; scalar or a 1-D array to sweep.
+    scale: w = γ (0: unconditional, the student at ∅; 1: conditional; Meng et al.'s w is
+      γ − 1), best within the range the student was trained on (the pipeline warns outside
+      it); scalar or a 1-D array to sweep.
   """
 
   scale: Any = 1.0

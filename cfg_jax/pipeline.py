@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Optional
 
 import flax.struct
@@ -39,6 +40,7 @@ from jax.tree_util import Partial
 
 from cfg_jax import checkpoints, errors, guidance, models, paths, sampling, schedules
 from cfg_jax.models.dit import vae
+from cfg_jax.sampling import guided
 
 # What a classifier and a diffusion model must share for the classifier to guide it; the
 # data set fixes the image shape and the number of classes.
@@ -168,13 +170,32 @@ class Pipeline:
     if rule is None:
       scale = options.get("guidance_scale")
       rule = guidance.Distilled(1.0 if scale is None else scale)
-      return {**{k: v for k, v in options.items() if k != "guidance_scale"}, "guidance": rule}
+      options = {**{k: v for k, v in options.items() if k != "guidance_scale"}, "guidance": rule}
     if not isinstance(rule, guidance.Distilled):
       raise errors.InputError(f"This model is a guidance-distilled student: it takes the "
                               f"guidance scale as an input (guidance_scale=w, or "
                               f"guidance.Distilled(w)); {type(rule).__name__} needs its "
                               f"teacher's passes, so sample the teacher for it.")
+    warning = self._untrained_scale_warning(rule)
+    if warning:  # allowed (it is the student's input), but never silently
+      warnings.warn(warning, UserWarning, stacklevel=3)
     return options
+
+  def _untrained_scale_warning(self, rule: guidance.Distilled) -> Optional[str]:
+    """Why a student's scale is not one it learned (outside `distill.guidance_scale_range`),
+    or None; decided on concrete values only (a traced scale is not checked)."""
+    section = self.config.get("distill")
+    scale = guided.concrete(rule.scale)
+    if section is None or scale is None:
+      return None
+    low, high = section.guidance_scale_range
+    # 0 is the student at ∅ (guided.distilled_eps_fn), which it learned at every w.
+    outside = [float(w) for w in np.ravel(scale) if w != 0 and not low <= w <= high]
+    if not outside:
+      return None
+    return (f"guidance scale {outside[0]:g} is outside [{low:g}, {high:g}], the range this "
+            f"student was distilled on, so its ε there is extrapolated; sample the teacher, "
+            f"or distill with --config.distill.guidance_scale_range covering it.")
 
   def check_options(self, **options) -> None:
     """Raises an InputError for sampler options (`sample`'s keywords) that cannot work with

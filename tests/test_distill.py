@@ -3,6 +3,7 @@ the student's zero-initialised w-embedding, one-pass sampling against the teache
 CFG, and `train.py --config configs/digits_distill.py` end to end."""
 
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -145,6 +146,20 @@ def test_one_student_pass_equals_the_teachers_two_pass_cfg(method):
   assert batches == [len(LABELS)]  # one pass of B per step, not the 2B of CFG
 
 
+def test_w_0_is_the_student_at_the_null_label_like_two_pass_cfg_at_0():
+  def student(x_t, t, y, w):  # a student of Meng et al.'s γ in [1, 5], wrong outside it
+    return guided_oracle(x_t, t, y, jnp.clip(w, 1.0, 5.0))
+
+  kw = dict(x_init=X_T, num_steps=10, null_label=NULL, num_classes=NULL, clip_denoised=False,
+            classifier_fn=ORACLE.logits, classifier_scale=1.0)  # its gradient at the labels
+  scales = jnp.array([0.0, 1.0, 3.0])
+  got = sampling.sample(jax.random.key(0), student, SCHEDULE, LABELS,
+                        guidance=guidance.Distilled(scales), **kw)
+  want = sampling.sample(jax.random.key(0), ORACLE.eps, SCHEDULE, LABELS, guidance_scale=scales,
+                         **kw)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_sweep_of_w_equals_separate_calls_and_a_new_w_does_not_recompile(monkeypatch):
   ref.install_trace_counter(monkeypatch, n=2)  # the sweep's program and one for any scalar w
   kw = dict(x_init=X_T, num_steps=5, null_label=NULL, num_classes=NULL, eta=0.5)
@@ -172,7 +187,19 @@ def test_a_student_pipeline_samples_with_guidance_scale_as_its_input():
   got = model.sample(jax.random.key(0), [1, 2], guidance_scale=2.0, **kw)
   want = model.sample(jax.random.key(0), [1, 2], guidance=guidance.Distilled(2.0), **kw)
   np.testing.assert_array_equal(got, want)
-  assert not np.allclose(got, model.sample(jax.random.key(0), [1, 2], guidance_scale=0.5, **kw))
+  assert not np.allclose(got, model.sample(jax.random.key(0), [1, 2], guidance_scale=4.0, **kw))
+
+
+def test_a_scale_outside_the_students_range_warns_and_one_inside_does_not():
+  config = digits_distill.get_config()
+  config.distill.guidance_scale_range = (1.0, 5.0)
+  model = _pipeline(config)
+  kw = dict(num_steps=2, timestep_spacing="trailing")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    model.sample(jax.random.key(0), [1, 2], guidance_scale=jnp.array([1.0, 5.0]), **kw)
+  with pytest.warns(UserWarning, match=r"guidance scale 0.5 is outside \[1, 5\], the range"):
+    model.sample(jax.random.key(0), [1, 2], guidance_scale=jnp.array([3.0, 0.5]), **kw)
 
 
 @pytest.mark.parametrize("config,options,message", [

@@ -33,7 +33,8 @@ def guided_eps(rule, passes, eps_fn, ctx: guidance.StepContext, labels, null_lab
     raise ValueError(f"guided_eps runs 'both', 'two_models' or 'distilled' passes, not "
                      f"{passes!r}.")
   if passes == "distilled":  # the student computes ε̂ itself: nothing to combine
-    eps, values = model_output(distilled_eps_fn(rule, eps_fn), x_t, t, labels, learned_variance)
+    eps, values = model_output(distilled_eps_fn(rule, eps_fn, null_label), x_t, t, labels,
+                               learned_variance)
     return eps, eps, state, values
   if passes == "two_models":  # both on the labels: an unconditional network ignores them
     eps_cond, values = model_output(eps_fn, x_t, t, labels, learned_variance)
@@ -55,10 +56,24 @@ def second_eps_fn(rule):
   return rule.weak_eps_fn if isinstance(rule, guidance.Autoguidance) else rule.uncond_eps_fn
 
 
-def distilled_eps_fn(rule: guidance.Distilled, eps_fn):
+def distilled_eps_fn(rule: guidance.Distilled, eps_fn, null_label=None):
   """The student `eps_fn(x_t, t, y, w)` as an ε-function of (x_t, t, y), at the rule's w for
-  every example (a scalar: one scale of a sweep is vmapped at a time)."""
-  return lambda x_t, t, y: eps_fn(x_t, t, y, jnp.full(y.shape, rule.scale, jnp.float32))
+  every example (a scalar: one scale of a sweep is vmapped at a time).
+
+  w = 0 is the unconditional model, as for two-pass CFG: the student at ∅ (and w = 1), whose
+  target is ε_u at every w it learned, since its dropped labels have ε_c = ε_u. So a student
+  of Meng et al.'s range, γ in [1, 5], still has γ = 0.
+  """
+
+  def eps(x_t, t, y):
+    w = jnp.full(y.shape, rule.scale, jnp.float32)
+    if null_label is None:
+      return eps_fn(x_t, t, y, w)
+    unconditional = w == 0
+    return eps_fn(x_t, t, jnp.where(unconditional, null_label, y),
+                  jnp.where(unconditional, 1.0, w))
+
+  return eps
 
 
 def guiding_labels(rule, labels, null_label, rule_key):
