@@ -67,8 +67,8 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_one_before(tiny_workdir,
                                                                    tiny_config, digits_train):
   work = tmp_path / "run"
   shutil.copytree(tiny_workdir, work)
-  steps = checkpoints.manager(str(work / "checkpoints")).all_steps()  # other tests may have
-  previous, last = sorted(steps)[-2:]  # resumed the shared workdir
+  steps = checkpoints.manager(str(work / "checkpoints")).all_steps()
+  previous, last = sorted(steps)[-2:]
   latest = work / "checkpoints" / str(last)
   for path in (latest / "state").rglob("*"):
     if path.is_file():
@@ -88,8 +88,8 @@ def test_injected_nan_stops_and_keeps_the_last_good_checkpoint(tiny_workdir, tmp
                                                                tiny_config, digits_train):
   work = str(tmp_path / "run")
   shutil.copytree(tiny_workdir, work)
-  last = checkpoints.manager(os.path.join(work, "checkpoints")).latest_step()  # other tests
-  good = os.path.join(work, "checkpoints", str(last))  # may have resumed the shared workdir
+  last = checkpoints.manager(os.path.join(work, "checkpoints")).latest_step()
+  good = os.path.join(work, "checkpoints", str(last))
   before = _digest(good)
   config = _config(tiny_config, num_steps=last + 4)
   # NaN images rather than a diverging learning rate: the same compiled train step as

@@ -139,7 +139,7 @@ def _distill(config):
         and scales[0] < scales[1])
   if not ok:
     _fail("distill.guidance_scale_range", f"must be (low, high) with low < high, got "
-          f"{scales!r}", "e.g. --config.distill.guidance_scale_range='(0.0, 4.0)'")
+          f"{scales!r}", "e.g. --config.distill.guidance_scale_range='(1.0, 5.0)'")
 
 
 def _dit(m, spec):

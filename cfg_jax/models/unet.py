@@ -181,7 +181,7 @@ class _TimeEmbedding(nnx.Module):
 
 
 # w·100 before the sinusoids: their periods, 2π/100 to 2π·100 in w, then span the guidance
-# range (γ in [0, 4], say) as the timestep's 2π to 2π·10⁴ span t in 0..999.
+# range (γ in [1, 5], say) as the timestep's 2π to 2π·10⁴ span t in 0..999.
 GUIDANCE_FEATURE_SCALE = 100.0
 
 

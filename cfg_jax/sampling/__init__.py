@@ -108,7 +108,8 @@ def sample(
     key: PRNG key; draws x_T (unless `x_init` is given) and the sampler's noise.
     eps_fn: `eps_fn(x_t, t, y) -> ε`, t int32 (B,) timesteps of the full schedule, y int32
       (B,) labels where `y == null_label` means "no label"; with `guidance.Distilled`, a
-      guidance-distilled student `eps_fn(x_t, t, y, w)`, w float32 (B,).
+      guidance-distilled student `eps_fn(x_t, t, y, w)`, w float32 (B,), which with a
+      null_label is never called at w = 0: γ = 0 calls it at (∅, w = 1).
     schedule: the noise schedule the model was trained with.
     labels: int (B,) class labels, each in 0..num_classes − 1 or null_label (without
       num_classes: 0..null_label).

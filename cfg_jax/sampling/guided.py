@@ -111,15 +111,6 @@ def both_passes(eps_fn, x_t, t, y, y_guide, learned_variance=False):
   return eps_cond, eps_guide, None if values is None else jnp.split(values, 2)[0]
 
 
-def uses_null_label(rule) -> bool:
-  """Whether sampling with `rule` reads ε(x, t, ∅): all but autoguidance, ICG, CFG with a
-  separate unconditional network, a distilled student and a concrete plain γ = 1 (the
-  conditional pass alone)."""
-  if isinstance(rule, guidance.IndependentCondition):
-    return False
-  return passes_needed(rule, null_label=0) not in ("cond", "two_models", "distilled")
-
-
 def passes_needed(rule, null_label) -> str:
   """Which ε passes a step runs: "cond", "uncond", "both" (one 2B call, at the labels and at
   ∅ or ICG's ŷ), "two_models" (autoguidance; CFG with a separate unconditional network) or
