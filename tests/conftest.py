@@ -56,8 +56,7 @@ def _run_folder(base):
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
   """`-n auto`: one worker per core, at most 4 (PYTEST_XDIST_AUTO_NUM_WORKERS overrides). A
-  worker is a JAX process whose compiles run mostly on one core, and each builds its own
-  session fixtures (the tiny trained workdir)."""
+  worker is a JAX process whose compiles run mostly on one core."""
   if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
     return None  # xdist's own hook reads it
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
