@@ -75,6 +75,14 @@ def reference_loop(pipe, latents, labels, scale, steps, guided_channels=4):
   return x.permute(0, 2, 3, 1).numpy()
 
 
+def latent_atol(reference):
+  """The absolute tolerance of 50 float32 DDIM steps through a perturbed DiT: 1e-4, or 1e-5
+  of the latents' largest magnitude (perturbed weights make some ~200). Float32 rounding
+  grows with that scale, and its order differs from CPU to CPU (2.2e-6 of it seen on an AMD
+  EPYC), while a wrong convention is off by O(1)."""
+  return max(1e-4, 1e-5 * float(np.abs(reference).max()))
+
+
 def test_converted_folder_describes_a_latent_dit(workdir):
   model = cfg_jax.load(str(workdir))
   assert model.image_shape == (8, 8, 4) and model.output_shape == (16, 16, 3)
@@ -102,7 +110,7 @@ def test_cfg_ddim_equals_dit_pipeline(torch_pipeline, workdir):
                                     num_steps=STEPS, decode=False))
   reference = reference_loop(pipe, x_torch, LABELS, SCALE, STEPS)
   assert np.abs(latents - x_ours).mean() > 0.1  # the sampler moved the latents
-  np.testing.assert_allclose(latents, reference, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(latents, reference, atol=latent_atol(reference), rtol=1e-4)
   np.testing.assert_allclose(np.asarray(model.decode(latents)), ours, atol=1e-5)
 
 
@@ -112,8 +120,8 @@ def test_guiding_three_channels_equals_forward_with_cfg(torch_pipeline, workdir)
   model = cfg_jax.load(str(workdir))
   ours = np.asarray(model.sample(jax.random.key(0), LABELS, x_init=x_ours, guidance_scale=SCALE,
                                  num_steps=STEPS, decode=False, guided_channels=3))
-  np.testing.assert_allclose(ours, reference_loop(pipe, x_torch, LABELS, SCALE, STEPS, 3),
-                             atol=1e-4, rtol=1e-4)
+  reference = reference_loop(pipe, x_torch, LABELS, SCALE, STEPS, 3)
+  np.testing.assert_allclose(ours, reference, atol=latent_atol(reference), rtol=1e-4)
   all_channels = np.asarray(model.sample(jax.random.key(0), LABELS, x_init=x_ours, guidance_scale=SCALE,
                                          num_steps=STEPS, decode=False))
   assert np.abs(ours - all_channels)[..., 3].mean() > 1e-3  # the option changes channel 3
